@@ -1,0 +1,3 @@
+"""hapymaster: a master-worker TCP/HTTP load balancer run by systemd."""
+
+__version__ = "0.1.0"
