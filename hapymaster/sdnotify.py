@@ -86,19 +86,23 @@ def _under_journald() -> bool:
     return (info.st_dev, info.st_ino) == (device, inode)
 
 
-def setup_logging(role: str, generation: int | None = None, level: int = logging.INFO) -> None:
+def setup_logging(role: str, generation: int | None = None, level: int = logging.INFO,
+                  journal: bool | None = None) -> None:
     """Route the ``hapymaster`` loggers to journald (structured) or to stderr.
 
     ``role`` is ``master`` or ``worker``; every journal entry carries
     HAPYMASTER_ROLE, HAPYMASTER_PID and, for workers, HAPYMASTER_GENERATION,
     so ``journalctl HAPYMASTER_ROLE=worker`` picks out the workers.
-    Call again after fork to refresh the pid.
+    ``journal=True`` (a daemonized master, whose stderr is /dev/null) logs to
+    journald whenever its socket exists. Call again after fork to refresh the pid.
     """
     root = logging.getLogger("hapymaster")
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler: logging.Handler
-    if _under_journald():
+    use_journal = _under_journald() or (
+        journal is True and _journal is not None and os.path.exists("/run/systemd/journal/socket"))
+    if use_journal:
         fields = {"SYSLOG_IDENTIFIER": "hapymaster", "HAPYMASTER_ROLE": role,
                   "HAPYMASTER_PID": str(os.getpid())}
         if generation is not None:

@@ -1,0 +1,185 @@
+"""Command line: run the master, check a config, reload, talk to the master CLI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+from . import __version__
+from .config import (DEFAULT_CONFIG_PATH, DEFAULT_MASTER_SOCKET, EMBEDDED_CONFIG, EMBEDDED_NAME,
+                     ConfigError)
+from .master import Master, _die_with_parent, load_function
+from .sdnotify import child_environment, setup_logging
+
+USAGE = """\
+hapymaster -f CONFIG [-S SOCKET] [-D]     run the master (foreground unless -D)
+hapymaster -c -f CONFIG                   check the config
+hapymaster reload [-S SOCKET] [--hard]    reload, wait until the new workers are READY or failed
+hapymaster ctl [-S SOCKET] COMMAND...     send one master CLI command, print the answer
+hapymaster --version"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "reload":
+        return reload_command(argv[1:])
+    if argv and argv[0] == "ctl":
+        return ctl_command(argv[1:])
+    parser = argparse.ArgumentParser(prog="hapymaster", usage=USAGE)
+    parser.add_argument("-f", dest="config", help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("-S", dest="socket", help="master CLI socket")
+    parser.add_argument("-c", dest="check", action="store_true", help="check the config and exit")
+    parser.add_argument("-D", dest="daemon", action="store_true",
+                        help="daemonize (only for use without systemd)")
+    parser.add_argument("--version", action="version", version=f"hapymaster {__version__}")
+    args = parser.parse_args(argv)
+    if args.check:
+        return check_command(args.config or DEFAULT_CONFIG_PATH)
+    return run_master(args)
+
+
+def check_command(path: str) -> int:
+    try:
+        load_function(path, "", "")()
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return 1
+    print("Configuration file is valid")
+    return 0
+
+
+def run_master(args: argparse.Namespace) -> int:
+    embedded = args.config is None and not os.path.exists(DEFAULT_CONFIG_PATH)
+    config_path = None if embedded else (args.config or DEFAULT_CONFIG_PATH)
+    load = load_function(config_path, EMBEDDED_CONFIG, EMBEDDED_NAME)
+    try:
+        config, text = load()
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return 1
+    scratch = tempfile.mkdtemp(prefix="hapymaster-") if embedded else None
+    socket_path = (args.socket or config.global_.master_socket
+                   or (os.path.join(scratch, "master.sock") if scratch else DEFAULT_MASTER_SOCKET))
+    if args.daemon:
+        daemonize()
+    setup_logging("master", journal=True if args.daemon else None)
+    if embedded:
+        print(f"hapymaster: no {DEFAULT_CONFIG_PATH}, running the embedded demo config.\n"
+              f"  try:   curl http://127.0.0.1:8080/   (twice: round robin over two demo origins)\n"
+              f"  stats: http://127.0.0.1:8404/  (CSV: /;csv, Prometheus: /metrics)\n"
+              f"  CLI:   hapymaster ctl -S {socket_path} show proc", file=sys.stderr, flush=True)
+    master = Master(config, text, config_path, socket_path, load)
+    if embedded:
+        demo = start_demo_origins()
+        master.on_stop.append(lambda: stop_child(demo))
+    if scratch:
+        master.on_stop.append(lambda: shutil.rmtree(scratch, ignore_errors=True))
+    from . import mcli
+    try:
+        return asyncio.run(_run(master, mcli.serve))
+    finally:
+        master.close()
+
+
+async def _run(master: Master, serve) -> int:  # type: ignore[no-untyped-def]
+    try:
+        return await master.run(serve)
+    except OSError as exc:
+        print(f"hapymaster: {exc}", file=sys.stderr)
+        return 1
+
+
+def start_demo_origins() -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([sys.executable, "-m", "hapymaster.demo"], env=child_environment(),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               preexec_fn=_die_with_parent)
+    assert process.stdout is not None
+    process.stdout.readline()  # "demo origins ready": the first health check should pass
+    return process
+
+
+def stop_child(process: subprocess.Popen[bytes]) -> None:
+    try:
+        process.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
+def daemonize() -> None:
+    """Classic double fork, for use without systemd only (systemd wants -D off)."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+def socket_from_config(path: str) -> str:
+    """The master socket a config names, read leniently: reloading to fix a
+    config that has errors must still reach the master."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = yaml.safe_load(handle)
+        value = doc.get("global", {}).get("master_socket")
+        if isinstance(value, str) and value:
+            return value
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    return DEFAULT_MASTER_SOCKET
+
+
+def _client_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"hapymaster {prog}")
+    parser.add_argument("-S", dest="socket", help="master CLI socket")
+    parser.add_argument("-f", dest="config", default=DEFAULT_CONFIG_PATH,
+                        help="config whose global.master_socket to use when -S is not given")
+    return parser
+
+
+def _send(socket_path: str, command: str) -> str | None:
+    from .mcli import client
+    try:
+        return client(socket_path, command)
+    except OSError as exc:
+        print(f"hapymaster: cannot reach the master at {socket_path}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return None
+
+
+def reload_command(argv: list[str]) -> int:
+    parser = _client_parser("reload")
+    parser.add_argument("--hard", action="store_true",
+                        help="terminate the previous workers instead of letting them finish")
+    args = parser.parse_args(argv)
+    answer = _send(args.socket or socket_from_config(args.config),
+                   "hard-reload" if args.hard else "reload")
+    if answer is None:
+        return 1
+    success = answer.startswith("Success=1")
+    print(answer, end="", file=sys.stdout if success else sys.stderr)
+    return 0 if success else 1
+
+
+def ctl_command(argv: list[str]) -> int:
+    parser = _client_parser("ctl")
+    parser.add_argument("command", nargs="+", help="e.g. show proc, or @1 show info")
+    args = parser.parse_args(argv)
+    answer = _send(args.socket or socket_from_config(args.config), " ".join(args.command))
+    if answer is None:
+        return 1
+    print(answer, end="")
+    return 0

@@ -1,0 +1,219 @@
+"""The master CLI: a unix stream socket, one command per connection.
+
+The client sends one line (and may half-close), gets the answer, and the
+master closes. ``echo 'show proc' | socat - UNIX:SOCK`` works; for the
+blocking ``reload`` give socat a longer idle timeout (``socat -t 30``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+import time
+
+from .master import Master, Worker, WorkerState
+
+log = logging.getLogger("hapymaster.mcli")
+
+MAX_COMMAND = 64 * 1024
+
+HELP = """\
+The following commands are valid at this level:
+  help                    : this message
+  show proc               : the master and its workers, with reloads and uptime
+  show version            : the master's version
+  reload                  : reload the config; answers Success=1/0 when the new workers are READY or failed
+  hard-reload             : reload, then terminate the previous workers instead of letting them finish
+  @<n> <command>          : send a command to worker n of the current generation (e.g. @1 show info)
+  @!<pid> <command>       : send a command to the worker with that pid
+  @* <command>            : send a command to every current worker
+"""
+
+
+def format_uptime(seconds: float) -> str:
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    return f"{days}d{hours:02d}h{minutes:02d}m{seconds:02d}s"
+
+
+def show_proc(master: Master) -> str:
+    now = time.monotonic()
+    row = "{:<15} {:<15} {:<15} {:<15} {}"
+    lines = [row.format("#<PID>", "<type>", "<reloads>", "<uptime>", "<version>")]
+    lines.append(row.format(os.getpid(), "master", f"{master.reloads} [failed: {master.failed_reloads}]",
+                            format_uptime(now - master.started_at), master.version))
+
+    def worker_row(worker: Worker) -> str:
+        return row.format(worker.pid, "worker", worker.reloads,
+                          format_uptime(now - worker.started_at), worker.version)
+
+    lines.append("# workers")
+    lines.extend(worker_row(w) for w in master.current_workers())
+    lines.append("# old workers")
+    lines.extend(worker_row(w) for w in master.old_workers())
+    return "\n".join(lines) + "\n"
+
+
+async def worker_command(master: Master, target: str, command: str) -> str:
+    """``@<n>``, ``@!<pid>`` or ``@*``: route a command to worker CLIs."""
+    if not command:
+        return "Missing command after " + target + "\n"
+    if target == "@*":
+        workers = [w for w in master.current_workers() if w.state is WorkerState.READY]
+        parts = []
+        for worker in workers:
+            answer = await _ask(worker, command)
+            parts.append(f"# worker #{worker.index} pid {worker.pid}\n{answer}")
+        return "".join(parts) if parts else "No worker is ready\n"
+    worker = None
+    if target.startswith("@!") and target[2:].isdigit():
+        worker = master.find_worker(int(target[2:]))
+    elif target[1:].isdigit():
+        index = int(target[1:])
+        worker = next((w for w in master.current_workers() if w.index == index), None)
+    else:
+        return f"Unknown target {target!r}: use @<n>, @!<pid> or @*\n"
+    if worker is None:
+        return f"No such worker: {target}\n"
+    return await _ask(worker, command)
+
+
+async def _ask(worker: Worker, command: str) -> str:
+    try:
+        answer = await worker.control.ask(command)
+    except (ConnectionError, asyncio.TimeoutError) as exc:
+        return f"{worker.describe()} did not answer: {exc or 'timeout'}\n"
+    return answer if answer.endswith("\n") or not answer else answer + "\n"
+
+
+async def execute(master: Master, line: str) -> str:
+    """Run one master CLI command from the public socket and return the answer."""
+    words = line.split()
+    if not words:
+        return ""
+    head = words[0]
+    if head == "_send_status":
+        # Only a worker's own socketpair may report status: anyone who can
+        # reach this socket must not be able to fake a READY and make the
+        # master stop the generation that is actually serving.
+        log.warning("refused _send_status on the master socket")
+        return "Permission denied: _send_status is only accepted from a worker's socketpair\n"
+    if head.startswith("@"):
+        return await worker_command(master, head, line.split(None, 1)[1] if len(words) > 1 else "")
+    if words == ["help"]:
+        return HELP
+    if words == ["show", "proc"]:
+        return show_proc(master)
+    if words == ["show", "version"]:
+        return master.version + "\n"
+    if words in (["reload"], ["hard-reload"]):
+        result = await master.request_reload(hard=head == "hard-reload")
+        return result.render()
+    return f"Unknown command: {line.strip()[:200]!r}. Try 'help'.\n"
+
+
+class CliProtocol(asyncio.Protocol):
+    def __init__(self, master: Master):
+        self.master = master
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.started = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.started:
+            return
+        self.buffer += data
+        if b"\n" in self.buffer:
+            self._start(self.buffer.split(b"\n", 1)[0])
+        elif len(self.buffer) > MAX_COMMAND:
+            self._reply("Command too long\n")
+
+    def eof_received(self) -> bool:
+        if not self.started:
+            self._start(self.buffer)
+        return True  # keep the write side open for the answer
+
+    def _start(self, raw: bytes) -> None:
+        self.started = True
+        line = raw.decode("utf-8", "replace").strip()
+        asyncio.ensure_future(self._run(line))
+
+    async def _run(self, line: str) -> None:
+        try:
+            answer = await execute(self.master, line)
+        except Exception as exc:
+            log.exception("master CLI command %r failed", line)
+            answer = f"Internal error: {exc!r}\n"
+        self._reply(answer)
+
+    def _reply(self, answer: str) -> None:
+        self.started = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(answer.encode())
+            self.transport.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead master; refuse if a master answers there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another master is already listening on {path}")
+
+
+async def serve(master: Master) -> asyncio.AbstractServer:
+    path = master.socket_path
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    _remove_stale_socket(path)
+    old_umask = os.umask(0o177)  # 0600: the master CLI can reload and reconfigure
+    try:
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: CliProtocol(master), path)
+    finally:
+        os.umask(old_umask)
+    log.info("master CLI on %s", path)
+    master.on_stop.append(lambda: _unlink_quietly(path))
+    return server
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def client(path: str, command: str, timeout: float | None = None) -> str:
+    """Send one command to a master CLI socket and return the whole answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(command.encode() + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")

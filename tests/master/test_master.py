@@ -1,0 +1,566 @@
+"""The master, end to end: real master subprocess, real workers, real signals,
+a NOTIFY_SOCKET the test owns, real backends on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from master_harness import (ROOT, free_port, http_get, pid_alive, wait_for, worker_fault)
+
+
+def http_config(port: int, servers: list[str], *, max_reloads: int = 50, workers: int = 1,
+                ready_timeout: str = "10s", hard_stop_after: str = "10s", extra_global: str = "") -> str:
+    server_lines = "\n".join(
+        f'      - {{name: s{i}, address: "{address}"}}' for i, address in enumerate(servers, 1))
+    return f"""\
+global:
+  max_reloads: {max_reloads}
+  workers: {workers}
+  ready_timeout: {ready_timeout}
+  hard_stop_after: {hard_stop_after}
+{extra_global}
+defaults:
+  mode: http
+  timeout: {{connect: 2s, client: 30s, server: 30s}}
+frontends:
+  - name: web
+    bind: ["127.0.0.1:{port}"]
+    default_backend: app
+backends:
+  - name: app
+    servers:
+{server_lines}
+"""
+
+
+def tcp_config(port: int, echo: str, *, max_reloads: int = 50, hard_stop_after: str = "30s") -> str:
+    return f"""\
+global:
+  max_reloads: {max_reloads}
+  hard_stop_after: {hard_stop_after}
+frontends:
+  - name: echo
+    mode: tcp
+    bind: ["127.0.0.1:{port}"]
+    default_backend: echo
+backends:
+  - name: echo
+    mode: tcp
+    servers:
+      - {{name: e1, address: "{echo}"}}
+"""
+
+
+def open_echo(port: int) -> socket.socket:
+    """A tcp-mode connection through the proxy, proven to be relayed."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"ping\n")
+    assert sock.recv(100) == b"ping\n"
+    return sock
+
+
+# --- start and READY ------------------------------------------------------------
+
+
+def test_ready_only_after_frontend_serves(master_factory, notify_socket, http_backend):
+    backend = http_backend("alpha")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address]), wait_ready=False)
+    ready = notify_socket.wait("READY", "1", timeout=20)
+    # The very first request after READY=1 must be served: READY means serving.
+    status, body = http_get(port)
+    assert status == 200 and body.startswith("alpha /")
+    assert ready["MAINPID"] == str(master.pid)
+    assert "STATUS" in ready
+    assert "worker" in master.log() and "READY" in master.log()
+
+
+def test_workers_get_no_systemd_environment(master_factory, http_backend):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address]),
+                            env={"WATCHDOG_USEC": "0", "LISTEN_FDS": "3", "LISTEN_PID": "1"})
+    worker = master.workers()[0]
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    names = {entry.split(b"=", 1)[0].decode() for entry in environ if entry}
+    assert not names & {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                        "LISTEN_PID", "LISTEN_FDNAMES"}
+
+
+def test_show_proc_format(master_factory, http_backend):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address], workers=2))
+    text = master.ctl("show proc")
+    lines = text.splitlines()
+    assert lines[0].split() == ["#<PID>", "<type>", "<reloads>", "<uptime>", "<version>"]
+    assert lines[1].split()[:5] == [str(master.pid), "master", "0", "[failed:", "0]"]
+    assert lines[2] == "# workers"
+    assert len([p for p in master.show_proc() if p.section == "workers"]) == 2
+    assert "# old workers" in lines
+
+
+def test_show_proc_through_socat(master_factory, http_backend):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address]))
+    out = subprocess.run(["socat", "-", f"UNIX:{master.socket_path}"], input=b"show proc\n",
+                         capture_output=True, timeout=10).stdout.decode()
+    assert "# workers" in out and str(master.pid) in out
+
+
+def test_master_socket_is_private(master_factory, http_backend):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address]))
+    assert os.stat(master.socket_path).st_mode & 0o777 == 0o600
+
+
+def test_worker_cli_routing(master_factory, http_backend):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address], workers=2))
+    pids = master.workers()
+    assert "Pid" in master.ctl("@1 show info") or "pid" in master.ctl("@1 show info").lower()
+    assert str(pids[1]) in master.ctl(f"@!{pids[1]} show info")
+    both = master.ctl("@* show info")
+    assert str(pids[0]) in both and str(pids[1]) in both
+    assert "No such worker" in master.ctl("@9 show info")
+    assert "Unknown command" in master.ctl("frobnicate")
+
+
+def test_send_status_refused_on_public_socket(master_factory, http_backend, tmp_path):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address], ready_timeout="2s"))
+    before = master.show_proc()
+    answer = master.ctl("_send_status READY")
+    assert "Permission denied" in answer
+    assert master.show_proc() == before
+    # Nor can it complete a reload whose worker never says READY.
+    worker_fault(tmp_path, "never-ready")
+    result: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("r", master.reload()))
+    thread.start()
+    time.sleep(0.5)
+    assert "Permission denied" in master.ctl("_send_status READY")
+    thread.join(15)
+    assert result["r"].startswith("Success=0")
+    assert [p.pid for p in master.show_proc() if p.section == "workers"] == \
+        [p.pid for p in before if p.section == "workers"]
+
+
+# --- reload triggers --------------------------------------------------------------
+
+
+def _reload_and_check(master, notify_socket, trigger) -> None:
+    old = master.workers()
+    mark = len(notify_socket.snapshot())
+    trigger()
+    reloading = notify_socket.wait("RELOADING", "1", after=mark)
+    assert int(reloading["MONOTONIC_USEC"]) > 0 and "STATUS" in reloading
+    notify_socket.wait("READY", "1", after=mark)
+    new = wait_for(lambda: [p for p in master.workers() if p not in old], what="new workers")
+    assert new and not set(new) & set(old)
+    wait_for(lambda: not any(pid_alive(p) for p in old), what="old workers gone")
+
+
+@pytest.mark.parametrize("trigger", ["SIGUSR2", "SIGHUP", "cli", "cli-hard", "command"])
+def test_reload_triggers(master_factory, notify_socket, http_backend, trigger):
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address]))
+    if trigger.startswith("SIG"):
+        action = lambda: os.kill(master.pid, getattr(signal, trigger))  # noqa: E731
+    elif trigger == "cli":
+        action = lambda: master.reload().startswith("Success=1") or pytest.fail("reload")  # noqa: E731
+    elif trigger == "cli-hard":
+        action = lambda: master.reload(hard=True).startswith("Success=1") or pytest.fail("reload")  # noqa: E731
+    else:
+        def action() -> None:
+            out = subprocess.run([sys.executable, "-m", "hapymaster", "reload", "-S",
+                                  master.socket_path], capture_output=True, timeout=30)
+            assert out.returncode == 0, out
+            assert out.stdout.startswith(b"Success=1")
+    _reload_and_check(master, notify_socket, action)
+    assert http_get(port)[0] == 200
+    expected = "SIGTERM" if trigger == "cli-hard" else "SIGUSR1"
+    assert [s for s, _ in master.signals_sent()] == [expected]
+
+
+def test_reload_picks_up_new_config(master_factory, http_backend):
+    first, second = http_backend("first"), http_backend("second")
+    port = free_port()
+    master = master_factory(http_config(port, [first.address]))
+    assert http_get(port)[1].startswith("first")
+    master.write_config(http_config(port, [second.address]))
+    assert master.reload().startswith("Success=1")
+    assert http_get(port)[1].startswith("second")
+
+
+def test_reload_adds_and_removes_listeners(master_factory, http_backend):
+    backend = http_backend("a")
+    port, extra = free_port(), free_port()
+    master = master_factory(http_config(port, [backend.address]))
+    master.write_config(http_config(port, [backend.address]).replace(
+        f'bind: ["127.0.0.1:{port}"]', f'bind: ["127.0.0.1:{port}", "127.0.0.1:{extra}"]'))
+    assert master.reload().startswith("Success=1")
+    assert http_get(extra)[0] == 200
+    master.write_config(http_config(port, [backend.address]))
+    assert master.reload().startswith("Success=1")
+    wait_for(lambda: not master.old_workers(), what="old workers gone")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", extra), timeout=2).close()
+
+
+def test_coalesced_reloads(master_factory, http_backend):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address]))
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(master.reload())) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == 6 and all(r.startswith("Success=1") for r in results)
+    master_line = master.ctl("show proc").splitlines()[1].split()
+    # Six requests, at most two reloads: the running one and one for all who waited.
+    assert 1 <= int(master_line[2]) <= 2
+
+
+# --- max_reloads and the two passes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("max_reloads", [0, 1, 3])
+def test_max_reloads_signals_each_old_worker_once(master_factory, echo_backend, max_reloads):
+    port = free_port()
+    master = master_factory(tcp_config(port, echo_backend.address, max_reloads=max_reloads))
+    held: dict[int, socket.socket] = {}
+    generations: list[int] = []
+    reloads = 5
+    for _ in range(reloads):
+        worker = master.workers()[0]
+        generations.append(worker)
+        held[worker] = open_echo(port)   # keeps this worker busy after soft stop
+        assert master.reload().startswith("Success=1")
+    sent = master.signals_sent()
+    for index, pid in enumerate(generations):
+        mine = [s for s, p in sent if p == pid]
+        lived = reloads - index          # reloads this worker has lived through
+        # Soft stop when superseded; SIGTERM once when it exceeds max_reloads.
+        expected = ["SIGUSR1"] + (["SIGTERM"] if max_reloads and lived > max_reloads else [])
+        assert mine == expected, (pid, lived, sent)
+        assert len(mine) == len(set(mine))
+    survivors = {p.pid: p.reloads for p in master.show_proc() if p.section == "old workers"}
+    for pid, lived in survivors.items():
+        assert max_reloads == 0 or lived <= max_reloads
+    # An old worker still relays its connection until it is terminated.
+    newest_old = generations[-1]
+    held[newest_old].sendall(b"still\n")
+    assert held[newest_old].recv(100) == b"still\n"
+    for sock in held.values():
+        sock.close()
+
+
+def test_max_reloads_one_corner_single_signal_per_reload(master_factory, echo_backend):
+    """max_reloads: 1 — a worker must never get SIGTERM and SIGUSR1 in the same reload."""
+    port = free_port()
+    master = master_factory(tcp_config(port, echo_backend.address, max_reloads=1))
+    first = master.workers()[0]
+    conn = open_echo(port)
+    assert master.reload().startswith("Success=1")
+    assert master.signals_sent() == [("SIGUSR1", first)]
+    assert pid_alive(first)  # busy: finishing its connection
+    second = master.workers()[0]
+    conn2 = open_echo(port)
+    assert master.reload().startswith("Success=1")
+    # first: escalated once (reloads 2 > 1); second: soft-stopped once.
+    assert master.signals_sent() == [("SIGUSR1", first), ("SIGTERM", first), ("SIGUSR1", second)]
+    wait_for(lambda: not pid_alive(first), what="first worker terminated")
+    conn.close()
+    conn2.close()
+
+
+def test_soft_stopped_worker_finishes_its_connection(master_factory, echo_backend):
+    port = free_port()
+    master = master_factory(tcp_config(port, echo_backend.address))
+    old = master.workers()[0]
+    conn = open_echo(port)
+    assert master.reload().startswith("Success=1")
+    time.sleep(0.3)
+    assert pid_alive(old)
+    conn.sendall(b"after reload\n")
+    assert conn.recv(100) == b"after reload\n"
+    conn.close()
+    wait_for(lambda: not pid_alive(old), what="old worker to leave after its last connection")
+
+
+# --- failed reloads -------------------------------------------------------------------
+
+BAD_CONFIGS = {
+    "yaml syntax": ("frontends: [\n", 1, "YAML syntax error"),
+    "unknown key": ("global:\n  wokers: 2\n", 2, "unknown key 'wokers'"),
+    "wrong type": ("global:\n  workers: many\n", 2, "expected an integer"),
+    "bad duration": ("global:\n  ready_timeout: 5 parsecs\n", 2, "duration"),
+    "bad address": ("frontends:\n  - name: web\n    bind: [\"127.0.0.1:99999\"]\n"
+                    "    default_backend: app\nbackends:\n  - name: app\n    servers:\n"
+                    "      - {name: s1, address: \"127.0.0.1:1\"}\n", 3, "out of range"),
+    "missing backend": ("frontends:\n  - name: web\n    bind: [\"127.0.0.1:1\"]\n"
+                        "    default_backend: nope\nbackends:\n  - name: app\n    servers:\n"
+                        "      - {name: s1, address: \"127.0.0.1:1\"}\n", 2, "'nope'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CONFIGS))
+def test_bad_config_fails_reload_and_keeps_serving(master_factory, notify_socket, http_backend,
+                                                   kind):
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address]))
+    workers = master.workers()
+    text, line, message = BAD_CONFIGS[kind]
+    master.write_config(text)
+    mark = len(notify_socket.snapshot())
+    answer = master.reload()
+    assert answer.startswith("Success=0\n--\n"), answer
+    assert f"{master.config_path}:{line}:" in answer and message in answer, answer
+    ready = notify_socket.wait("READY", "1", after=mark)
+    assert ready["STATUS"].startswith("Reload failed")
+    assert master.workers() == workers
+    assert http_get(port)[0] == 200
+    assert "[failed: 1]" in master.ctl("show proc")
+    assert master.signals_sent() == []
+    assert "reload failed" in master.log()
+    # The command-line client fails honestly too (this is what ExecReload runs).
+    out = subprocess.run([sys.executable, "-m", "hapymaster", "reload", "-S", master.socket_path],
+                         capture_output=True, timeout=30)
+    assert out.returncode == 1 and b"Success=0" in out.stderr
+
+
+def test_worker_never_ready_fails_reload(master_factory, notify_socket, http_backend, tmp_path):
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address], ready_timeout="1s"))
+    workers = master.workers()
+    worker_fault(tmp_path, "never-ready")
+    mark = len(notify_socket.snapshot())
+    answer = master.reload()
+    assert answer.startswith("Success=0") and "not READY within 1s" in answer, answer
+    assert notify_socket.wait("READY", "1", after=mark)["STATUS"].startswith("Reload failed")
+    assert master.workers() == workers
+    assert http_get(port)[0] == 200
+    # The late worker was killed, and nothing but it was signalled.
+    killed = [pid for sig, pid in master.signals_sent()]
+    assert len(killed) == 1 and killed[0] not in workers
+    wait_for(lambda: not pid_alive(killed[0]), what="late worker killed")
+    reloads = {p.pid: p.reloads for p in master.show_proc()}
+    assert reloads[workers[0]] == 0  # a failed reload is not counted against the survivors
+
+
+def test_worker_exiting_at_start_fails_reload(master_factory, http_backend, tmp_path):
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address]))
+    workers = master.workers()
+    worker_fault(tmp_path, "exit-at-start")
+    answer = master.reload()
+    assert answer.startswith("Success=0") and "exited before it was READY" in answer, answer
+    assert master.workers() == workers and http_get(port)[0] == 200
+    # Fixed: the next reload succeeds.
+    (tmp_path / "hooks" / "exit-at-start").unlink()
+    assert master.reload().startswith("Success=1")
+
+
+def test_bind_conflict_fails_reload(master_factory, http_backend):
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address]))
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    master.write_config(http_config(port, [backend.address]).replace(
+        f'"127.0.0.1:{port}"', f'"127.0.0.1:{port}", "127.0.0.1:{taken}"'))
+    answer = master.reload()
+    blocker.close()
+    assert answer.startswith("Success=0") and f"cannot bind 127.0.0.1:{taken}" in answer
+    assert http_get(port)[0] == 200
+
+
+# --- crashes, first start, stop -----------------------------------------------------------
+
+
+def test_crashed_worker_is_restarted(master_factory, http_backend):
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address]))
+    worker = master.workers()[0]
+    os.kill(worker, signal.SIGKILL)
+    replacement = wait_for(lambda: [p for p in master.workers() if p != worker], what="restart")
+    assert replacement
+    wait_for(lambda: http_get(port)[0] == 200, what="serving again")
+    log = master.log()
+    assert f"worker {worker}" in log and "killed by SIGKILL" in log and "restarting" in log
+
+
+def test_first_start_failure_exits_nonzero(master_factory, http_backend, tmp_path):
+    backend = http_backend("a")
+    worker_fault(tmp_path, "exit-at-start")
+    master = master_factory(http_config(free_port(), [backend.address]), wait_ready=False)
+    assert master.wait_exit(20) == 1
+    assert "first start failed" in master.log()
+
+
+def test_first_start_bind_failure_exits_nonzero(master_factory, http_backend):
+    backend = http_backend("a")
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    master = master_factory(http_config(blocker.getsockname()[1], [backend.address]),
+                            wait_ready=False)
+    assert master.wait_exit(20) == 1
+    blocker.close()
+    assert "cannot bind" in master.log()
+
+
+def test_master_sigkill_leaves_no_worker(master_factory, http_backend):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address], workers=2))
+    workers = master.workers()
+    master.process.kill()
+    master.process.wait(5)
+    wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10, what="workers to die")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_stop_finishes_connections_then_exits(master_factory, notify_socket, echo_backend, sig):
+    port = free_port()
+    master = master_factory(tcp_config(port, echo_backend.address))
+    worker = master.workers()[0]
+    conn = open_echo(port)
+    mark = len(notify_socket.snapshot())
+    os.kill(master.pid, getattr(signal, sig))
+    notify_socket.wait("STOPPING", "1", after=mark)
+    time.sleep(0.3)
+    conn.sendall(b"in flight\n")
+    assert conn.recv(100) == b"in flight\n"   # soft: the connection is finished, not cut
+    with pytest.raises(OSError):            # but no new client is taken
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    conn.close()
+    assert master.wait_exit(15) == 0
+    assert not pid_alive(worker)
+
+
+def test_stop_kills_after_hard_stop_after(master_factory, echo_backend):
+    port = free_port()
+    master = master_factory(tcp_config(port, echo_backend.address, hard_stop_after="1s"))
+    worker = master.workers()[0]
+    conn = open_echo(port)
+    os.kill(master.pid, signal.SIGTERM)
+    assert master.wait_exit(15) == 0
+    assert ("SIGKILL", worker) in master.signals_sent()
+    assert not pid_alive(worker)
+    conn.close()
+
+
+def test_watchdog(master_factory, notify_socket, http_backend):
+    backend = http_backend("a")
+    master_factory(http_config(free_port(), [backend.address]), env={"WATCHDOG_USEC": "400000"})
+    mark = len(notify_socket.snapshot())
+    notify_socket.wait("WATCHDOG", "1", after=mark, timeout=5)
+
+
+def test_no_notify_socket_works_the_same(master_factory, http_backend):
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address]), wait_ready=False, notify=False)
+    wait_for(lambda: os.path.exists(master.socket_path), what="master socket")
+    wait_for(lambda: master.workers() and "READY" in master.log(), what="workers")
+    assert http_get(port)[0] == 200
+    assert master.reload().startswith("Success=1")
+
+
+def test_no_connection_refused_across_20_reloads(master_factory, http_backend):
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address], workers=2))
+    stop = threading.Event()
+    errors: list[str] = []
+    served = [0]
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                status, _ = http_get(port, timeout=10)
+                if status != 200:
+                    errors.append(f"status {status}")
+                served[0] += 1
+            except OSError as exc:
+                errors.append(repr(exc))
+
+    clients = [threading.Thread(target=hammer) for _ in range(3)]
+    for thread in clients:
+        thread.start()
+    try:
+        for _ in range(20):
+            assert master.reload().startswith("Success=1")
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(15)
+    assert errors == []
+    assert served[0] > 20
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hapymaster", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_check_valid_config(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(http_config(8080, ["127.0.0.1:9001"]))
+    out = run_cli("-c", "-f", str(path))
+    assert out.returncode == 0 and out.stdout.strip() == "Configuration file is valid"
+
+
+def test_check_reports_every_error_with_file_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("global:\n  workers: 0\n  max_reloadz: 1\nfrontends:\n  - name: w\n"
+                    "    bind: \"nohost\"\n    default_backend: x\nbackends:\n  - name: b\n"
+                    "    servers: []\n")
+    out = run_cli("-c", "-f", str(path))
+    assert out.returncode == 1
+    errors = out.stderr.strip().splitlines()
+    assert all(e.startswith(f"{path}:") for e in errors), errors
+    lines = {int(e.split(":")[1]) for e in errors}
+    assert {2, 3, 6, 5, 10} <= lines, errors
+
+
+def test_check_missing_file(tmp_path):
+    out = run_cli("-c", "-f", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 1 and "nope.yaml" in out.stderr
+
+
+def test_version():
+    out = run_cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("hapymaster ")
+
+
+def test_reload_without_master_fails_clearly(tmp_path):
+    out = run_cli("reload", "-S", str(tmp_path / "none.sock"))
+    assert out.returncode == 1 and "cannot reach the master" in out.stderr
+
+
+def test_ctl_command(master_factory, http_backend):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address]))
+    out = run_cli("ctl", "-S", master.socket_path, "show", "proc")
+    assert out.returncode == 0 and "# workers" in out.stdout
+    assert "reload" in run_cli("ctl", "-S", master.socket_path, "help").stdout
