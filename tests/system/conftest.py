@@ -1,0 +1,410 @@
+"""Fixtures for the packaging and real-systemd tests.
+
+``deb_packages``  the .deb built from this tree (and an "upgrade" build of the
+                  same tree with a bumped version), in a temporary directory.
+``rootfs_tar``    a Debian 12 minbase rootfs with systemd and hapymaster's
+                  runtime dependencies, made once by debootstrap (~45 s) and
+                  cached as a tarball outside the repository, so the container
+                  needs no network at test time.
+``container``     that rootfs booted under systemd-nspawn (private network:
+                  loopback only), driven with ``nsenter``, shut down and
+                  cleaned up afterwards. Everything it runs lives in a cgroup
+                  made for it, so cleanup kills only what this test started.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SUITE = "bookworm"
+MIRROR = os.environ.get("HAPYMASTER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+CACHE_DIR = Path(os.environ.get("HAPYMASTER_TEST_CACHE", "/var/cache/hapymaster-tests"))
+# Pre-installed so that installing the .deb needs no network: systemd as PID 1,
+# and hapymaster's runtime dependencies from the distribution.
+ROOTFS_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3-minimal",
+                   "python3-yaml", "python3-uvloop", "python3-httptools", "python3-systemd")
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+UPGRADE_VERSION = "0.1.0+systemtest1"
+
+
+def _why_no_nspawn() -> str | None:
+    """Why this machine cannot boot a container at all, or None."""
+    if os.geteuid() != 0:
+        return "systemd-nspawn needs root"
+    with open("/proc/mounts") as mounts:
+        if not any(line.split()[2] == "cgroup2" for line in mounts):
+            return "no cgroup2 hierarchy is mounted"
+    return None
+
+
+def _require_tools(*tools: str) -> None:
+    """On a machine that can run the test, a missing tool is a set-up bug, not a skip."""
+    missing = [t for t in tools if shutil.which(t, path=SYSTEM_PATH) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: scripts/test installs the Debian packages "
+                    "(debootstrap systemd-container dpkg-dev debhelper dh-python ...)")
+
+
+def run(cmd: list[str], timeout: float = 120, check: bool = True,
+        **kwargs) -> subprocess.CompletedProcess:
+    env = kwargs.pop("env", None) or {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": "/root"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+# --- the packages ---------------------------------------------------------
+
+
+@dataclass
+class DebPackages:
+    current: Path
+    upgrade: Path
+
+
+def _copy_tree(dest: Path) -> None:
+    """The files a commit of this tree would contain (tracked + new, not ignored)."""
+    listing = run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
+                   "--exclude-standard"], check=False)
+    if listing.returncode == 0:
+        names = [n for n in listing.stdout.split("\0") if n]
+    else:  # not a git checkout: everything but the usual local clutter
+        skip = {".git", ".venv", "__pycache__", ".pytest_cache", "dist-deb"}
+        names = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
+                 if p.is_file() and not skip.intersection(p.relative_to(REPO).parts)
+                 and not any(part.endswith(".egg-info") for part in p.parts)]
+    for name in names:
+        src = REPO / name
+        if not (src.exists() or src.is_symlink()):
+            continue  # deleted in the work tree, not yet in the index
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            target.symlink_to(os.readlink(src))
+        else:
+            shutil.copy2(src, target)
+
+
+def _bump_version(tree: Path, version: str) -> None:
+    """Make ``tree`` a newer release: package version and the Python code's own."""
+    pyproject = tree / "pyproject.toml"
+    pyproject.write_text(re.sub(r'(?m)^version = "[^"]*"', f'version = "{version}"',
+                                pyproject.read_text(), count=1))
+    init = tree / "hapymaster" / "__init__.py"
+    init.write_text(re.sub(r'(?m)^__version__ = "[^"]*"', f'__version__ = "{version}"',
+                           init.read_text(), count=1))
+    changelog = tree / "debian" / "changelog"
+    stamp = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+    changelog.write_text(
+        f"hapymaster ({version}-1) unstable; urgency=medium\n\n"
+        "  * Upgrade built by tests/system to check reload-on-upgrade.\n\n"
+        f" -- hapymaster maintainers <maintainers@users.noreply.r-seed-557ff343.example>  {stamp}\n\n"
+        + changelog.read_text())
+
+
+def _build(tree: Path, out: Path) -> Path:
+    run([str(tree / "packaging" / "build-deb"), str(out)], timeout=300)
+    debs = sorted(out.glob("hapymaster_*_all.deb"))
+    assert len(debs) == 1, debs
+    return debs[0]
+
+
+@pytest.fixture(scope="session")
+def deb_packages(tmp_path_factory) -> DebPackages:
+    if os.geteuid() != 0:
+        pytest.skip("building and installing the package needs root here (apt build deps)")
+    _require_tools("dpkg-buildpackage", "dh", "rst2man")
+    base = tmp_path_factory.mktemp("deb")
+    current = _build(REPO, base / "current")
+    upgrade_tree = base / "upgrade-src"
+    _copy_tree(upgrade_tree)
+    _bump_version(upgrade_tree, UPGRADE_VERSION)
+    upgrade = _build(upgrade_tree, base / "upgrade")
+    shutil.rmtree(upgrade_tree)
+    return DebPackages(current, upgrade)
+
+
+# --- the root file system -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rootfs_tar() -> Path:
+    reason = _why_no_nspawn()
+    if reason:
+        print(f"\nSKIP nspawn system test: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    _require_tools("debootstrap", "systemd-nspawn", "nsenter", "tar")
+    key = hashlib.sha256(f"{SUITE} {MIRROR} {' '.join(ROOTFS_PACKAGES)}".encode()).hexdigest()[:12]
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tarball = CACHE_DIR / f"{SUITE}-rootfs-{key}.tar"
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        # Two test runs at once build the cache once.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if tarball.exists():
+            return tarball
+        with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
+            root = Path(tmp) / "root"
+            run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}",
+                 SUITE, str(root), MIRROR], timeout=600)
+            # Nothing of apt's download cache is needed in the image.
+            shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
+            (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+            partial = Path(tmp) / "rootfs.tar"
+            run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(partial), "."],
+                timeout=300)
+            partial.rename(tarball)  # atomic: a killed run leaves no half tarball
+    return tarball
+
+
+# --- the container --------------------------------------------------------
+
+
+def _cgroup_roots() -> list[Path]:
+    """The hierarchies a new cgroup must be made in for nspawn: the cgroup2 one,
+    and the named systemd v1 hierarchy when the host runs in hybrid mode."""
+    roots = []
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, mountpoint, fstype, options = line.split()[:4]
+            if fstype == "cgroup2" or (fstype == "cgroup" and "name=systemd" in options.split(",")):
+                roots.append(Path(mountpoint))
+    return roots
+
+
+def _remove_cgroup_tree(path: Path) -> None:
+    for _ in range(50):
+        if not path.exists():
+            return
+        for dirpath, dirnames, _files in sorted(os.walk(path), key=lambda e: -len(e[0])):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+        if path.exists():
+            time.sleep(0.1)
+
+
+@dataclass
+class Container:
+    rootfs: Path
+    nspawn: subprocess.Popen
+    leader: int  # PID (host view) of the container's systemd
+    log: Path
+    cgroups: list[Path] = field(default_factory=list)
+
+    def sh(self, script: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a shell script inside the container, as root, in all its namespaces."""
+        return self.run(["sh", "-c", script], timeout=timeout, check=check)
+
+    def run(self, cmd: list[str], timeout: float = 60, check: bool = True,
+            **kwargs) -> subprocess.CompletedProcess:
+        env = ["env", "-i", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8", "HOME=/root",
+               "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0", "DEBIAN_FRONTEND=noninteractive"]
+        return run(["nsenter", "-t", str(self.leader), "-a", *env, *cmd],
+                   timeout=timeout, check=check, **kwargs)
+
+    def net_cmd(self, cmd: list[str]) -> list[str]:
+        """A host command line that runs ``cmd`` in the container's network only."""
+        return ["nsenter", "-t", str(self.leader), "-n", *cmd]
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.run(["systemctl", "show", unit, *(f"--property={p}" for p in props)]).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _leader(nspawn: subprocess.Popen, deadline: float) -> int:
+    while time.monotonic() < deadline:
+        if nspawn.poll() is not None:
+            raise RuntimeError(f"systemd-nspawn exited {nspawn.returncode}")
+        children = Path(f"/proc/{nspawn.pid}/task/{nspawn.pid}/children")
+        for pid in children.read_text().split() if children.exists() else ():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                    return int(pid)
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise RuntimeError("the container's systemd did not start")
+
+
+def _stop_container(c: Container) -> None:
+    if c.nspawn.poll() is None:
+        # SIGTERM to nspawn makes the container's systemd power off cleanly.
+        c.nspawn.send_signal(signal.SIGTERM)
+        try:
+            c.nspawn.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            c.nspawn.kill()
+            c.nspawn.wait(timeout=10)
+    for cg in c.cgroups:
+        kill = cg / "cgroup.kill"
+        if kill.exists() and (cg / "cgroup.procs").exists():
+            try:  # whatever is left in *our* cgroup: only what this test started
+                kill.write_text("1")
+            except OSError:
+                pass
+        _remove_cgroup_tree(cg)
+
+
+@pytest.fixture(scope="module")
+def container(rootfs_tar: Path, deb_packages: DebPackages, tmp_path_factory):
+    base = tmp_path_factory.mktemp("nspawn")
+    rootfs = base / "rootfs"
+    rootfs.mkdir()
+    t0 = time.monotonic()
+    run(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-xf", str(rootfs_tar)],
+        timeout=300)
+    for deb, name in ((deb_packages.current, "hapymaster.deb"),
+                      (deb_packages.upgrade, "hapymaster-upgrade.deb")):
+        shutil.copy2(deb, rootfs / "root" / name)
+    machine = f"hapytest-{os.getpid()}"
+    cmd = ["systemd-nspawn", "--quiet", "-D", str(rootfs), "--boot", f"--machine={machine}",
+           "--register=no", "--private-network", "--link-journal=no", "--console=read-only",
+           "--resolv-conf=off", "--timezone=off"]
+    cgroups: list[Path] = []
+    if Path("/proc/1/comm").read_text().strip() != "systemd":
+        # No systemd on the host to give the container a scope unit: make a cgroup
+        # of our own in each hierarchy and start nspawn inside it (--keep-unit:
+        # nspawn then splits it into supervisor/ and payload/ itself).
+        cmd.append("--keep-unit")
+        for root in _cgroup_roots():
+            cg = root / machine
+            cg.mkdir(exist_ok=True)
+            cgroups.append(cg)
+
+    def enter_cgroups() -> None:
+        for cg in cgroups:
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+    log = base / "nspawn.log"
+    with open(log, "wb") as out:
+        nspawn = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=enter_cgroups, env={"PATH": SYSTEM_PATH})
+    c = Container(rootfs, nspawn, 0, log, cgroups)
+    try:
+        c.leader = _leader(nspawn, time.monotonic() + 30)
+        state = c.run(["systemctl", "is-system-running", "--wait"], timeout=60, check=False)
+        print(f"\ncontainer {machine}: rootfs ready and booted in {time.monotonic() - t0:.1f}s "
+              f"(system {state.stdout.strip()})")
+        if state.stdout.strip() not in ("running", "degraded"):
+            failed = c.run(["systemctl", "--failed", "--no-legend"], check=False).stdout
+            raise RuntimeError(f"container did not boot: {state.stdout.strip()}\n{failed}")
+        yield c
+    except BaseException:
+        print(c.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        _stop_container(c)
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+# --- talking to hapymaster inside --------------------------------------------
+
+
+@dataclass
+class Proc:
+    pid: int
+    type: str
+    section: str  # master | workers | old workers
+    reloads: str
+    version: str
+
+
+def parse_show_proc(text: str) -> list[Proc]:
+    """``show proc``: rows of ``PID type reloads uptime version`` under ``# ...`` headers."""
+    procs, section = [], "master"
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and not stripped.startswith("#<"):
+            section = stripped.lstrip("#").strip()
+            continue
+        fields = stripped.split()
+        if not fields or not fields[0].isdigit():
+            continue
+        reloads = " ".join(fields[2:-2])  # "5 [failed: 0]" on the master line
+        procs.append(Proc(int(fields[0]), fields[1], section, reloads, fields[-1]))
+    return procs
+
+
+LOAD_CLIENT = r"""
+import json, socket, sys, time, threading
+stop_file, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+marker = sys.argv[3].encode()
+counts = {"ok": 0, "refused": 0, "reset": 0, "timeout": 0, "bad": 0}
+errors = []
+lock = threading.Lock()
+def one():
+    try:
+        with socket.create_connection(("127.0.0.1", 80), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return "ok" if data.startswith(b"HTTP/1.1 200") and marker in data else "bad", data[:80]
+    except ConnectionRefusedError as e:
+        return "refused", repr(e)
+    except (ConnectionResetError, BrokenPipeError) as e:
+        return "reset", repr(e)
+    except socket.timeout as e:
+        return "timeout", repr(e)
+def loop():
+    import os
+    while time.monotonic() < deadline and not os.path.exists(stop_file):
+        kind, detail = one()
+        with lock:
+            counts[kind] += 1
+            if kind != "ok" and len(errors) < 5:
+                errors.append(f"{kind}: {detail!r}")
+threads = [threading.Thread(target=loop) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"counts": counts, "errors": errors}))
+"""
+
+
+class Load:
+    """Connections in a loop from the container's network namespace while
+    something else happens: counts every refused or failed one."""
+
+    def __init__(self, c: Container, tmp: Path, marker: str, max_seconds: float = 60):
+        self.stop_file = tmp / f"stop-load-{time.monotonic_ns()}"
+        self.proc = subprocess.Popen(
+            c.net_cmd([sys.executable, "-c", LOAD_CLIENT, str(self.stop_file), str(max_seconds),
+                       marker]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(self) -> dict:
+        self.stop_file.touch()
+        try:
+            out, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        assert self.proc.returncode == 0, err
+        return json.loads(out)

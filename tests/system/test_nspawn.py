@@ -1,0 +1,264 @@
+"""The Debian package under a real systemd: a Debian 12 container booted with
+systemd-nspawn, the freshly built .deb installed in it, and the service driven
+with systemctl the way an operator would.
+
+The steps build on each other (install, start, reload, failed reload, journal,
+watchdog, upgrade, stop, remove, purge), so they are one module sharing one
+container, in file order. The container has a private network: all traffic is
+on its loopback interface. See conftest.py for how it is booted and cleaned.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from .conftest import UPGRADE_VERSION, Container, Load, parse_show_proc
+
+UNIT = "hapymaster.service"
+CONFIG = "/etc/hapymaster/hapymaster.yaml"
+SOCKET = "/run/hapymaster/master.sock"
+MARKER = "hapymaster-nspawn-origin"
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def show_proc(c: Container):
+    out = c.run(["hapymaster", "ctl", "-S", SOCKET, "show proc"]).stdout
+    procs = parse_show_proc(out)
+    assert procs, out
+    return procs, out
+
+
+def current_workers(c: Container) -> set[int]:
+    procs, _ = show_proc(c)
+    return {p.pid for p in procs if p.type == "worker" and p.section == "workers"}
+
+
+def main_pid(c: Container) -> int:
+    return int(c.show(UNIT, "MainPID")["MainPID"])
+
+
+def get(c: Container, path: str = "/", port: int = 80, attempts: int = 50) -> tuple[int, str]:
+    """One HTTP GET inside the container, retried while the proxy comes up."""
+    script = ("import sys, urllib.request, urllib.error\n"
+              "try:\n"
+              f"    r = urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5)\n"
+              "    print(r.status); print(r.read().decode(errors='replace'))\n"
+              "except urllib.error.HTTPError as e:\n"
+              "    print(e.code); print(e.read().decode(errors='replace'))\n")
+    status, body = 0, ""
+    for _ in range(attempts):
+        proc = c.run(["python3", "-c", script], check=False)
+        if proc.returncode == 0:
+            status_text, _, body = proc.stdout.partition("\n")
+            status = int(status_text)
+            if status == 200:
+                break
+        else:
+            body = proc.stderr
+        time.sleep(0.2)
+    return status, body
+
+
+def unit_pids(c: Container) -> set[int]:
+    """Every process in the service's cgroup, as the container sees them."""
+    group = c.show(UNIT, "ControlGroup")["ControlGroup"]
+    if not group:
+        return set()
+    out = c.sh(f"cat /sys/fs/cgroup/unified{group}/cgroup.procs 2>/dev/null"
+               f" || cat /sys/fs/cgroup{group}/cgroup.procs 2>/dev/null || true").stdout
+    return {int(p) for p in out.split()}
+
+
+def test_install_starts_and_enables_the_service(container: Container):
+    c = container
+    # The origin server the shipped example config points at (127.0.0.1:8000).
+    c.sh(f"mkdir -p /srv/www && echo {MARKER} > /srv/www/index.html")
+    c.run(["systemd-run", "--unit=origin", "--working-directory=/srv/www",
+           "python3", "-m", "http.server", "--bind", "127.0.0.1", "8000"])
+
+    t0 = time.monotonic()
+    c.run(["dpkg", "-i", "/root/hapymaster.deb"], timeout=120)
+    print(f"dpkg -i: {time.monotonic() - t0:.1f}s")
+
+    assert c.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active", \
+        c.run(["journalctl", "-u", UNIT, "--no-pager", "-n", "50"], check=False).stdout
+    assert c.run(["systemctl", "is-enabled", UNIT], check=False).stdout.strip() == "enabled"
+    passwd = c.run(["getent", "passwd", "hapymaster"]).stdout
+    assert ":/nonexistent:/usr/sbin/nologin" in passwd, passwd
+    assert CONFIG in c.run(["dpkg-query", "-W", "-f=${Conffiles}", "hapymaster"]).stdout
+    assert c.sh("test -f /usr/share/man/man1/hapymaster.1.gz && "
+                "test -f /usr/share/man/man5/hapymaster.yaml.5.gz", check=False).returncode == 0
+
+
+def test_unit_hardening_exposure_at_most_2(container: Container):
+    out = container.run(["systemd-analyze", "security", "--no-pager", UNIT]).stdout
+    level = float(out.strip().splitlines()[-1].split(":")[1].split()[0])
+    print(f"systemd-analyze security {UNIT}: {level}")
+    assert level <= 2.0, out
+
+
+def test_start_is_type_notify_and_mainpid_is_the_master(container: Container):
+    c = container
+    c.run(["systemctl", "stop", UNIT], timeout=90)
+    t0 = time.monotonic()
+    c.run(["systemctl", "start", UNIT], timeout=90)
+    print(f"systemctl start: {time.monotonic() - t0:.2f}s")
+    props = c.show(UNIT, "Type", "NotifyAccess", "ActiveState", "SubState", "MainPID",
+                   "ExecMainPID", "User", "WatchdogUSec", "NRestarts")
+    assert props["Type"] == "notify" and props["NotifyAccess"] == "main", props
+    assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+    pid = int(props["MainPID"])
+    assert pid > 0 and pid == int(props["ExecMainPID"]), props
+
+    cmdline = c.sh(f"tr '\\0' ' ' < /proc/{pid}/cmdline").stdout
+    assert "hapymaster -f /etc/hapymaster/hapymaster.yaml" in cmdline, cmdline
+    procs, text = show_proc(c)
+    masters = [p for p in procs if p.type == "master"]
+    assert [p.pid for p in masters] == [pid], text
+    workers = current_workers(c)
+    assert workers, text
+    # Master and workers, nothing else, all in the unit's cgroup, all as the
+    # package's user.
+    assert unit_pids(c) == {pid} | workers, (unit_pids(c), text)
+    for p in {pid} | workers:
+        assert c.sh(f"stat -c %U /proc/{p}").stdout.strip() == "hapymaster"
+
+
+def test_traffic_flows_through_the_installed_config(container: Container):
+    status, body = get(container)
+    assert status == 200 and MARKER in body, (status, body)
+
+
+def test_reload_is_blocking_keeps_mainpid_and_refuses_nothing(container: Container, tmp_path):
+    c = container
+    pid, before = main_pid(c), current_workers(c)
+    load = Load(c, tmp_path, MARKER)
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    reload = c.run(["systemctl", "reload", UNIT], timeout=90, check=False)
+    took = time.monotonic() - t0
+    time.sleep(1.0)
+    result = load.finish()
+    print(f"systemctl reload: rc={reload.returncode} in {took:.2f}s; load during it: {result}")
+    assert reload.returncode == 0, reload.stderr
+    assert main_pid(c) == pid
+    after = current_workers(c)
+    assert after and not after & before, (before, after)
+    counts = result["counts"]
+    assert counts["ok"] > 0 and counts["refused"] == 0, result
+    assert sum(counts.values()) == counts["ok"], result
+
+
+def test_broken_config_fails_the_reload_and_keeps_serving(container: Container):
+    c = container
+    pid, before = main_pid(c), current_workers(c)
+    c.sh(f"cp {CONFIG} /root/good.yaml && printf '\\nbogus_top_level_key: 1\\n' >> {CONFIG}")
+    try:
+        since = c.run(["date", "+@%s"]).stdout.strip()
+        reload = c.run(["systemctl", "reload", UNIT], timeout=90, check=False)
+        assert reload.returncode != 0, "a reload with a broken config must fail"
+        assert c.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active"
+        assert main_pid(c) == pid
+        assert current_workers(c) == before
+        status, body = get(c, attempts=1)
+        assert status == 200 and MARKER in body, (status, body)
+        journal = c.run(["journalctl", "-u", UNIT, "--no-pager", "--since", since]).stdout
+        assert "bogus_top_level_key" in journal, journal
+        status_text = c.run(["systemctl", "status", "--no-pager", "-n", "20", UNIT],
+                            check=False).stdout
+        print(status_text)
+    finally:
+        c.sh(f"cp /root/good.yaml {CONFIG}")
+    assert c.run(["systemctl", "reload", UNIT], timeout=90, check=False).returncode == 0
+
+
+def test_journal_has_structured_fields(container: Container):
+    out = container.run(["journalctl", "-u", UNIT, "-o", "json", "--no-pager"]).stdout
+    entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    roles = {e.get("HAPYMASTER_ROLE") for e in entries}
+    assert {"master", "worker"} <= roles, roles
+    master = [e for e in entries if e.get("HAPYMASTER_ROLE") == "master"]
+    assert all("HAPYMASTER_PID" in e for e in master)
+
+
+def test_watchdog_is_fed(container: Container):
+    """With a short WatchdogSec the master must keep pinging, or systemd kills it."""
+    c = container
+    c.sh("mkdir -p /run/systemd/system/hapymaster.service.d && printf "
+         "'[Service]\\nWatchdogSec=2s\\n' > /run/systemd/system/hapymaster.service.d/wd.conf")
+    try:
+        c.run(["systemctl", "daemon-reload"])
+        c.run(["systemctl", "restart", UNIT], timeout=90)
+        pid = main_pid(c)
+        assert c.show(UNIT, "WatchdogUSec")["WatchdogUSec"] == "2s"
+        time.sleep(5)
+        props = c.show(UNIT, "ActiveState", "MainPID", "NRestarts", "Result")
+        assert props == {"ActiveState": "active", "MainPID": str(pid), "NRestarts": "0",
+                         "Result": "success"}, props
+    finally:
+        c.sh("rm -rf /run/systemd/system/hapymaster.service.d")
+        c.run(["systemctl", "daemon-reload"])
+        c.run(["systemctl", "restart", UNIT], timeout=90)
+
+
+def test_upgrade_reloads_into_new_code_and_keeps_the_conffile(container: Container, tmp_path):
+    c = container
+    c.sh(f"printf '# local change kept on upgrade\\n' >> {CONFIG}")
+    pid, before = main_pid(c), current_workers(c)
+    load = Load(c, tmp_path, MARKER)
+    time.sleep(1.0)
+    upgrade = c.run(["dpkg", "-i", "/root/hapymaster-upgrade.deb"], timeout=120, check=False)
+    time.sleep(1.0)
+    result = load.finish()
+    print(f"upgrade to {UPGRADE_VERSION}: rc={upgrade.returncode}; load during it: {result}")
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert "local change kept on upgrade" in c.run(["cat", CONFIG]).stdout
+    assert c.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active"
+    # Reloaded, not restarted: same master, which still runs the old code,
+    # and a new generation of workers running the new code.
+    assert main_pid(c) == pid
+    procs, text = show_proc(c)
+    workers = [p for p in procs if p.type == "worker" and p.section == "workers"]
+    assert workers and not {p.pid for p in workers} & before, text
+    assert all(p.version == UPGRADE_VERSION for p in workers), text
+    assert result["counts"]["refused"] == 0 and result["counts"]["ok"] > 0, result
+
+
+def test_stop_leaves_no_process(container: Container):
+    c = container
+    t0 = time.monotonic()
+    c.run(["systemctl", "stop", UNIT], timeout=90)
+    print(f"systemctl stop: {time.monotonic() - t0:.2f}s")
+    assert c.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "inactive"
+    assert c.run(["pgrep", "-u", "hapymaster"], check=False).returncode == 1
+    assert c.run(["pgrep", "-f", "hapymaster"], check=False).returncode == 1
+    assert c.sh("test -e /run/hapymaster", check=False).returncode != 0
+
+
+def test_remove_then_purge_leave_nothing_behind(container: Container):
+    c = container
+    c.run(["systemctl", "start", UNIT], timeout=90)
+    c.run(["apt-get", "remove", "-y", "hapymaster"], timeout=120)
+    assert c.run(["pgrep", "-u", "hapymaster"], check=False).returncode == 1
+    assert c.sh("test -e /usr/bin/hapymaster || test -e /lib/systemd/system/hapymaster.service"
+                " || test -e /usr/lib/python3/dist-packages/hapymaster", check=False).returncode != 0
+    assert c.sh(f"test -f {CONFIG}", check=False).returncode == 0, "remove keeps the conffile"
+
+    c.run(["apt-get", "purge", "-y", "hapymaster"], timeout=120)
+    assert c.run(["dpkg-query", "-W", "hapymaster"], check=False).returncode != 0
+    leftovers = c.sh("ls -d /etc/hapymaster /run/hapymaster /usr/lib/sysusers.d/hapymaster.conf "
+                     "/etc/systemd/system/multi-user.target.wants/hapymaster.service "
+                     "/var/lib/systemd/deb-systemd-helper-enabled/hapymaster.service.dsh-also "
+                     "/var/lib/systemd/deb-systemd-helper-enabled/multi-user.target.wants/hapymaster.service "
+                     "2>/dev/null", check=False).stdout
+    assert leftovers == "", leftovers
+    assert c.run(["systemctl", "list-unit-files", "--no-legend", UNIT],
+                 check=False).stdout.strip() == ""
+    # Debian policy keeps a package's system user on purge (files with its uid
+    # may remain, e.g. in backups); it must own nothing left on disk.
+    owned = c.sh("find / -xdev -user hapymaster 2>/dev/null | head", check=False).stdout
+    assert owned == "", owned

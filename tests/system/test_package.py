@@ -1,0 +1,50 @@
+"""The .deb and the unit, checked without booting anything: lintian clean,
+the right files and dependencies, and the unit's hardening score."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from .conftest import REPO, DebPackages, run
+
+
+def test_lintian_reports_no_error_and_no_warning(deb_packages: DebPackages):
+    if shutil.which("lintian") is None:
+        pytest.fail("lintian missing: scripts/test installs it")
+    proc = run(["lintian", "--fail-on", "error,warning", str(deb_packages.current)],
+               timeout=300, check=False)
+    tags = [line for line in proc.stdout.splitlines() if line[:2] in ("E:", "W:")]
+    print(proc.stdout)
+    assert proc.returncode == 0 and not tags, proc.stdout + proc.stderr
+
+
+def test_package_contents_and_dependencies(deb_packages: DebPackages):
+    deb = str(deb_packages.current)
+    depends = run(["dpkg-deb", "-f", deb, "Depends"]).stdout
+    for dep in ("python3-yaml", "python3-uvloop", "python3-httptools", "python3-systemd"):
+        assert dep in depends, depends
+    files = run(["dpkg-deb", "-c", deb]).stdout
+    for path in ("./usr/bin/hapymaster", "./etc/hapymaster/hapymaster.yaml",
+                 "/systemd/system/hapymaster.service", "./usr/lib/sysusers.d/hapymaster.conf",
+                 "./usr/share/man/man1/hapymaster.1.gz",
+                 "./usr/share/man/man5/hapymaster.yaml.5.gz",
+                 "./usr/lib/python3/dist-packages/hapymaster/__init__.py"):
+        assert path in files, path
+    # No vendored dependency and no compiled code.
+    for vendored in ("/yaml/", "/uvloop/", "/httptools/", "/systemd/journal", ".so"):
+        assert vendored not in files.replace("/lib/systemd/system/", "/"), vendored
+    assert run(["dpkg-deb", "-f", deb, "Architecture"]).stdout.strip() == "all"
+
+
+def test_unit_exposure_at_most_2_offline():
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed on this host")
+    proc = run(["systemd-analyze", "security", "--offline=yes", "--no-pager",
+                str(REPO / "systemd" / "hapymaster.service")], check=False)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "Overall exposure level" in last, proc.stdout + proc.stderr
+    level = float(last.split(":")[1].split()[0])
+    print(f"offline exposure: {level}")
+    assert level <= 2.0, proc.stdout
