@@ -86,7 +86,7 @@ def _copy_tree(dest: Path) -> None:
     if listing.returncode == 0:
         names = [n for n in listing.stdout.split("\0") if n]
     else:  # not a git checkout: everything but the usual local clutter
-        skip = {".git", ".venv", "__pycache__", ".pytest_cache", "dist-deb"}
+        skip = {".git", ".venv", "__pycache__", ".pytest_cache"}
         names = [str(p.relative_to(REPO)) for p in REPO.rglob("*")
                  if p.is_file() and not skip.intersection(p.relative_to(REPO).parts)
                  and not any(part.endswith(".egg-info") for part in p.parts)]
@@ -306,12 +306,18 @@ def container(rootfs_tar: Path, deb_packages: DebPackages, tmp_path_factory):
     c = Container(rootfs, nspawn, 0, log, cgroups)
     try:
         c.leader = _leader(nspawn, time.monotonic() + 30)
-        state = c.run(["systemctl", "is-system-running", "--wait"], timeout=60, check=False)
+        deadline = time.monotonic() + 60
+        while True:  # systemctl cannot connect until the container's systemd is up
+            state = c.run(["systemctl", "is-system-running", "--wait"], timeout=60, check=False)
+            if state.stdout.strip() or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         print(f"\ncontainer {machine}: rootfs ready and booted in {time.monotonic() - t0:.1f}s "
               f"(system {state.stdout.strip()})")
         if state.stdout.strip() not in ("running", "degraded"):
             failed = c.run(["systemctl", "--failed", "--no-legend"], check=False).stdout
-            raise RuntimeError(f"container did not boot: {state.stdout.strip()}\n{failed}")
+            raise RuntimeError(f"container did not boot: {state.stdout.strip()} "
+                               f"{state.stderr.strip()}\n{failed}")
         yield c
     except BaseException:
         print(c.log_tail(), file=sys.stderr)
