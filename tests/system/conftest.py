@@ -372,7 +372,8 @@ def one():
                 if not chunk:
                     break
                 data += chunk
-        return "ok" if data.startswith(b"HTTP/1.1 200") and marker in data else "bad", data[:80]
+        ok = data[:12] in (b"HTTP/1.1 200", b"HTTP/1.0 200") and marker in data
+        return "ok" if ok else "bad", data[:80]
     except ConnectionRefusedError as e:
         return "refused", repr(e)
     except (ConnectionResetError, BrokenPipeError) as e:
