@@ -1,0 +1,138 @@
+"""Worker process entry: ``python -m hapymaster.worker``, started by the master.
+
+1. Read the boot message (one JSON line) from the control socketpair whose fd
+   is in HAPYMASTER_CONTROL_FD.
+2. Parse the config text the master validated, drop privileges if asked.
+3. Build backends and frontends, attach to the inherited listeners, start
+   health checks, apply the previous generation's state.
+4. Send ``_send_status READY`` and enter the event loop.
+Anything that fails before READY is logged and exits 1: the master then fails
+the reload (or the start) and keeps the old workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+from hapymaster.config import Config, ConfigError, parse_config
+from hapymaster.sdnotify import setup_logging
+
+log = logging.getLogger("hapymaster.worker")
+
+
+def read_boot(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
+    """The first line from the master, and whatever came after it."""
+    data = b""
+    while b"\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the control channel closed before the boot message")
+        data += chunk
+    line, _, rest = data.partition(b"\n")
+    message = json.loads(line)
+    if not isinstance(message, dict) or message.get("type") != "boot":
+        raise RuntimeError(f"expected a boot message, got {line[:80]!r}")
+    return message, rest
+
+
+def drop_privileges(config: Config) -> None:
+    """As root with global.user/group set: become that user (listeners are already bound)."""
+    user, group = config.global_.user, config.global_.group
+    if os.getuid() != 0 or not (user or group):
+        return
+    import grp
+    import pwd
+    uid = gid = None
+    if user:
+        entry = pwd.getpwnam(user)
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        gid = grp.getgrnam(group).gr_gid
+    if gid is not None:
+        os.setgroups([gid])
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+    log.info("running as uid %d gid %d", os.getuid(), os.getgid())
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def main() -> int:
+    fd_text = os.environ.get("HAPYMASTER_CONTROL_FD", "")
+    setup_logging("worker")
+    if not fd_text.isdigit():
+        log.error("HAPYMASTER_CONTROL_FD is not set: a worker is started by the master")
+        return 2
+    control_sock = socket.socket(fileno=int(fd_text))
+    control_sock.setblocking(True)
+    try:
+        boot, leftover = read_boot(control_sock)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.error("cannot read the boot message: %s", exc)
+        return 1
+    generation = int(boot.get("generation") or 0)
+    setup_logging("worker", generation)
+    try:
+        config = parse_config(str(boot.get("config_text", "")), str(boot.get("config_path", "")))
+    except ConfigError as exc:
+        for error in exc.errors:
+            log.error("%s", error)
+        return 1
+    try:
+        drop_privileges(config)
+    except (KeyError, OSError) as exc:
+        log.error("cannot drop privileges to user %r group %r: %s", config.global_.user,
+                  config.global_.group, exc)
+        return 1
+
+    from hapymaster.worker.checks import HealthChecker
+    from hapymaster.worker.control import ControlChannel
+    from hapymaster.worker.process import Worker
+    from hapymaster.worker.runtime import apply_state
+
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    worker = Worker(config, loop, generation, int(boot.get("index") or 1),
+                    int(boot.get("master_pid") or 0))
+    try:
+        apply_state(worker, boot.get("state"))
+        loop.run_until_complete(worker.open_listeners(list(boot.get("listeners") or [])))
+        control_sock.setblocking(False)
+        _, control = loop.run_until_complete(loop.create_unix_connection(
+            lambda: ControlChannel(worker, leftover), sock=control_sock))
+        worker.control = control
+        worker.checks = HealthChecker(worker)
+        worker.checks.start()
+        worker.install_signals()
+        worker.start_sweeper()
+    except Exception as exc:  # noqa: BLE001 - any failure before READY fails the reload
+        log.error("worker cannot start: %s", exc, exc_info=not isinstance(exc, (OSError,
+                                                                                RuntimeError)))
+        return 1
+    # READY just before the loop runs: from here on the worker serves.
+    control.send_line("_send_status READY")
+    log.info("ready: %d frontend(s), %d backend(s)", len(worker.frontends), len(worker.backends))
+    code = loop.run_until_complete(worker.exit_future)
+    log.info("exiting")
+    try:
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

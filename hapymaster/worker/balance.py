@@ -1,0 +1,308 @@
+"""Backends and servers as the worker sees them at runtime.
+
+The config is frozen; what changes while a worker runs (administrative state,
+weights set from the CLI, health, connection counts, the queue, counters)
+lives here, one ``ServerState`` per configured server and one ``BackendState``
+per backend. Balancing is synchronous and callback based: a session asks
+``take()`` for a server and gets one, or is queued and called back later by
+``release()``, or learns at once that no server can serve (503 / close).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import zlib
+from collections import deque
+from typing import Any, Callable
+
+from hapymaster.config import Backend, HealthCheck, Server
+
+ADMIN_STATES = ("ready", "drain", "maint")
+
+# What take() answers when there is no server to wait for at all.
+NO_SERVER = object()
+
+
+class Counters:
+    """Monotonic counters of one proxy or server, summed across workers."""
+
+    __slots__ = ("stot", "bin", "bout", "req_tot", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx",
+                 "hrsp_4xx", "hrsp_5xx", "hrsp_other", "ereq", "econ", "eresp", "wretr",
+                 "wredis", "cli_abrt", "srv_abrt", "dreq", "dresp", "lbtot", "smax", "qmax",
+                 "chkfail", "chkdown", "downtime", "ctime_sum", "rtime_sum", "ttime_sum")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def status(self, code: int) -> None:
+        klass = code // 100
+        if klass == 2:
+            self.hrsp_2xx += 1
+        elif klass == 3:
+            self.hrsp_3xx += 1
+        elif klass == 4:
+            self.hrsp_4xx += 1
+        elif klass == 5:
+            self.hrsp_5xx += 1
+        elif klass == 1:
+            self.hrsp_1xx += 1
+        else:
+            self.hrsp_other += 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def _mix64(value: int) -> int:
+    """splitmix64 finaliser: spreads a 32/64-bit value over 64 bits."""
+    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
+
+
+class ServerState:
+    """One configured server: its runtime state, counters and idle connections."""
+
+    def __init__(self, backend: "BackendState", config: Server, sid: int):
+        self.backend = backend
+        self.config = config
+        self.name = config.name
+        self.sid = sid
+        self.host = config.address.host
+        self.port = config.address.port
+        self.address = str(config.address)
+        self.backup = config.backup
+        self.maxconn = config.maxconn
+        self.initial_weight = config.weight
+        self.weight = config.weight
+        self.weight_set_at_runtime = False
+        self.admin = "ready"
+        self.checked = config.check
+        self.up = True                    # health: False once `fall` checks failed
+        self.check_rise = 0               # consecutive successes while down
+        self.check_fall = 0               # consecutive failures while up
+        self.check_status = ""            # HAProxy-style: L4OK, L4CON, L4TOUT, L7OK, L7STS, L7RSP
+        self.check_code = 0
+        self.check_duration_ms = -1
+        self.check_desc = ""
+        self.last_change = time.time()
+        self.down_since: float | None = None
+        self.cur = 0                      # sessions (tcp) or requests (http) in progress
+        self.counters = Counters()
+        self.current_weight = 0           # smooth weighted round robin accumulator
+        self.seed = _mix64(zlib.crc32(self.name.encode()))
+        self.idle: list[Any] = []         # idle keep-alive server connections (http)
+
+    @property
+    def usable(self) -> bool:
+        """May receive new traffic."""
+        return self.admin == "ready" and self.up and self.weight > 0
+
+    @property
+    def full(self) -> bool:
+        return self.maxconn > 0 and self.cur >= self.maxconn
+
+    @property
+    def status_text(self) -> str:
+        """The status column of the stats: UP, DOWN, MAINT, DRAIN, NOLB."""
+        if self.admin == "maint":
+            return "MAINT"
+        if not self.up:
+            return "DOWN"
+        if self.admin == "drain":
+            return "DRAIN"
+        return "UP"
+
+    def set_admin(self, state: str) -> None:
+        if state != self.admin:
+            self.admin = state
+            self.last_change = time.time()
+            if state != "ready":
+                self.close_idle()
+            else:
+                self.backend.wake()
+
+    def set_health(self, up: bool) -> None:
+        if up == self.up:
+            return
+        now = time.time()
+        self.up = up
+        self.last_change = now
+        if up:
+            if self.down_since is not None:
+                self.counters.downtime += int(now - self.down_since)
+            self.down_since = None
+            self.backend.wake()
+        else:
+            self.counters.chkdown += 1
+            self.down_since = now
+            self.close_idle()
+
+    def set_weight(self, weight: int, runtime: bool = True) -> None:
+        self.weight = weight
+        self.weight_set_at_runtime = runtime
+        self.current_weight = 0
+        if weight > 0:
+            self.backend.wake()
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+
+class BackendState:
+    """One backend: the servers, the balancing algorithm and the queue."""
+
+    def __init__(self, config: Backend, bid: int):
+        self.config = config
+        self.name = config.name
+        self.bid = bid
+        self.mode = config.mode
+        self.timeout = config.timeout
+        self.servers = [ServerState(self, server, sid) for sid, server in
+                        enumerate(config.servers, start=1)]
+        self.by_name = {server.name: server for server in self.servers}
+        self.check: HealthCheck | None = config.check
+        self.counters = Counters()
+        self.cur = 0
+        self.queue: deque[Any] = deque()   # sessions waiting for a free server slot
+        self._rotate = 0
+        self.last_change = time.time()
+        pick = getattr(self, f"_pick_{config.balance}")
+        self._pick: Callable[[list[ServerState], bytes], ServerState] = pick
+
+    # --- choosing ------------------------------------------------------------
+
+    def candidates(self) -> list[ServerState]:
+        """Servers that may take new traffic: the active ones, else the backups."""
+        active = [s for s in self.servers if not s.backup and s.usable]
+        if active:
+            return active
+        return [s for s in self.servers if s.backup and s.usable]
+
+    @property
+    def is_up(self) -> bool:
+        return any(s.usable for s in self.servers)
+
+    def take(self, session: Any, client_key: bytes) -> Any:
+        """A server for ``session`` (counted in), or None when it was queued, or NO_SERVER.
+
+        A queued session gets ``session.on_server(server)`` later, from release(),
+        or is removed by ``dequeue`` when its queue timeout fires.
+        """
+        candidates = self.candidates()
+        if not candidates:
+            return NO_SERVER
+        free = [s for s in candidates if not s.full] if any(s.maxconn for s in candidates) \
+            else candidates
+        if not free or self.queue:
+            session.client_key = client_key
+            self.queue.append(session)
+            if len(self.queue) > self.counters.qmax:
+                self.counters.qmax = len(self.queue)
+            return None
+        server = free[0] if len(free) == 1 else self._pick(free, client_key)
+        self._count_in(server)
+        return server
+
+    def _count_in(self, server: ServerState) -> None:
+        server.cur += 1
+        server.counters.lbtot += 1
+        if server.cur > server.counters.smax:
+            server.counters.smax = server.cur
+        self.cur += 1
+        if self.cur > self.counters.smax:
+            self.counters.smax = self.cur
+
+    def release(self, server: ServerState) -> None:
+        server.cur -= 1
+        self.cur -= 1
+        if self.queue:
+            self.wake()
+
+    def dequeue(self, session: Any) -> None:
+        try:
+            self.queue.remove(session)
+        except ValueError:
+            pass
+
+    def wake(self) -> None:
+        """Give free slots to queued sessions, oldest first; fail them if no server is left."""
+        while self.queue:
+            candidates = self.candidates()
+            if not candidates:
+                waiting, self.queue = self.queue, deque()
+                for session in waiting:
+                    session.on_server(None)
+                return
+            free = [s for s in candidates if not s.full]
+            if not free:
+                return
+            session = self.queue.popleft()
+            server = free[0] if len(free) == 1 else self._pick(free, session.client_key)
+            self._count_in(server)
+            session.on_server(server)
+
+    # --- algorithms ----------------------------------------------------------
+
+    def _pick_roundrobin(self, servers: list[ServerState], key: bytes) -> ServerState:
+        # Smooth weighted round robin (nginx): a weight 5/1/1 set gives
+        # a a b a c a a, not a a a a a b c.
+        total = 0
+        best = None
+        for server in servers:
+            server.current_weight += server.weight
+            total += server.weight
+            if best is None or server.current_weight > best.current_weight:
+                best = server
+        best.current_weight -= total
+        return best
+
+    def _pick_leastconn(self, servers: list[ServerState], key: bytes) -> ServerState:
+        # Fewest sessions per unit of weight; ties rotate so that an idle
+        # backend still spreads requests.
+        self._rotate += 1
+        count = len(servers)
+        best = None
+        best_load = 0.0
+        for index in range(count):
+            server = servers[(index + self._rotate) % count]
+            load = (server.cur + 1) / server.weight
+            if best is None or load < best_load:
+                best, best_load = server, load
+        return best
+
+    def _pick_source(self, servers: list[ServerState], key: bytes) -> ServerState:
+        # Weighted rendezvous hashing: each client address ranks the servers
+        # by a hash of (address, server); when a server leaves only its own
+        # clients move, and they come back when it returns.
+        client = zlib.crc32(key)
+        best = None
+        best_score = 0.0
+        for server in servers:
+            hashed = _mix64(client ^ server.seed)
+            score = -server.weight / math.log((hashed + 1) / 18446744073709551617.0)
+            if best is None or score > best_score:
+                best, best_score = server, score
+        return best
+
+    def _pick_first(self, servers: list[ServerState], key: bytes) -> ServerState:
+        # Servers are in config order and the full ones were already left out.
+        return servers[0]
+
+    def _pick_random(self, servers: list[ServerState], key: bytes) -> ServerState:
+        # Power of two choices: two weighted random draws, keep the less loaded.
+        first, second = random.choices(servers, weights=[s.weight for s in servers], k=2)
+        if (second.cur / second.weight) < (first.cur / first.weight):
+            return second
+        return first
+
+
+def build_backends(backends: tuple[Backend, ...]) -> dict[str, BackendState]:
+    return {backend.name: BackendState(backend, bid)
+            for bid, backend in enumerate(backends, start=1)}

@@ -1,0 +1,320 @@
+"""The Worker: listeners, connection limits, the timeout sweeper, stopping.
+
+One ``Worker`` per process. It accepts on the sockets the master bound,
+counts connections against ``global.maxconn`` (per worker) and each
+frontend's ``maxconn`` (stop accepting at the limit: clients wait in the
+kernel backlog, nobody is dropped), and runs one periodic sweeper that checks
+every connection's deadlines instead of arming a timer per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from typing import Any, Callable
+
+from hapymaster.config import Config, Frontend
+from hapymaster.worker.balance import BackendState, Counters, build_backends
+
+log = logging.getLogger("hapymaster.worker")
+
+BACKLOG = 4096
+
+
+class Listener:
+    """One inherited listening socket, served by an asyncio server we can pause."""
+
+    def __init__(self, worker: "Worker", sock: socket.socket, factory: Callable[[], Any]):
+        self.worker = worker
+        self.sock = sock
+        self.factory = factory
+        self.server: Any = None
+        self.wanted = True
+        self._busy = False
+
+    async def start(self) -> None:
+        # The asyncio server gets a duplicate: closing it (to pause at maxconn)
+        # must not close the socket the master bound for every generation.
+        dup = socket.socket(fileno=os.dup(self.sock.fileno()))
+        dup.setblocking(False)
+        self.server = await self.worker.loop.create_server(self.factory, sock=dup,
+                                                           backlog=BACKLOG)
+
+    def pause(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+    def resume(self) -> None:
+        if self.server is None and not self._busy and self.wanted:
+            self._busy = True
+
+            async def restart() -> None:
+                try:
+                    if self.wanted and self.server is None:
+                        await self.start()
+                finally:
+                    self._busy = False
+            asyncio.ensure_future(restart())
+
+    def close(self) -> None:
+        self.wanted = False
+        self.pause()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class FrontendState:
+    """One frontend at runtime: its listeners, limits, counters and routes."""
+
+    def __init__(self, worker: "Worker", config: Frontend, fid: int):
+        self.worker = worker
+        self.config = config
+        self.fid = fid
+        self.name = config.name
+        self.mode = config.mode
+        self.timeout = config.timeout
+        self.maxconn = config.maxconn
+        self.x_forwarded_for = config.x_forwarded_for
+        self.x_forwarded_proto = config.x_forwarded_proto
+        self.forwarded = config.forwarded
+        self.access_log = getattr(config, "access_log", True)
+        self.listeners: list[Listener] = []
+        self.cur = 0
+        self.counters = Counters()
+        self.parked: deque[Any] = deque()
+        self.paused = False
+        self.default_backend: BackendState = worker.backends[config.default_backend]
+        self.routes = [(r.host, r.path_prefix.encode() if r.path_prefix else None,
+                        worker.backends[r.backend]) for r in config.routes]
+
+    def route(self, req: Any) -> BackendState:
+        """First matching route (host and/or path prefix), else default_backend."""
+        if not self.routes:
+            return self.default_backend
+        host = ""
+        for name, value in req.headers:
+            if name.lower() == b"host":
+                host = value.decode("latin-1").lower()
+                break
+        if host.startswith("["):
+            host = host[:host.find("]") + 1]
+        elif ":" in host:
+            host = host.rsplit(":", 1)[0]
+        path = req.url
+        for route_host, prefix, backend in self.routes:
+            if route_host is not None and route_host != host:
+                continue
+            if prefix is not None and not path.startswith(prefix):
+                continue
+            return backend
+        return self.default_backend
+
+
+class Worker:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, generation: int = 0,
+                 index: int = 1, master_pid: int = 0):
+        self.config = config
+        self.loop = loop
+        self.generation = generation
+        self.index = index
+        self.master_pid = master_pid
+        self.started = time.time()
+        self.now = loop.time()
+        self.backends = build_backends(config.backends)
+        self.frontends = [FrontendState(self, fe, fid)
+                          for fid, fe in enumerate(config.frontends, start=1)]
+        self.maxconn = config.global_.maxconn
+        self.cur_conns = 0
+        self.cum_conns = 0
+        self.parked_any = False
+        self.sessions: set[Any] = set()
+        self.stopping = False
+        self.exit_future: asyncio.Future = loop.create_future()
+        self.control: Any = None
+        self.stats_listener: Listener | None = None
+        self.checks: Any = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.tick = self._tick_interval()
+
+    def _tick_interval(self) -> float:
+        """A quarter of the smallest timeout, between 10 ms and 500 ms."""
+        smallest = 2.0
+        for item in (*self.config.frontends, *self.config.backends):
+            t = item.timeout
+            smallest = min(smallest, t.connect, t.client, t.server, t.queue, t.tunnel,
+                           t.http_request, t.http_keep_alive)
+        return max(0.01, min(0.5, smallest / 4))
+
+    # --- listeners ------------------------------------------------------------
+
+    async def open_listeners(self, listeners: list[dict[str, Any]]) -> None:
+        """Attach every frontend (and the stats page) to its inherited socket."""
+        from hapymaster.worker.proxy_http import HttpClient
+        from hapymaster.worker.proxy_tcp import TcpClient
+        by_address = {}
+        for item in listeners:
+            sock = socket.socket(fileno=int(item["fd"]))
+            sock.setblocking(False)
+            by_address[item["address"]] = sock
+        for fe in self.frontends:
+            for address in fe.config.bind:
+                sock = by_address.pop(str(address), None)
+                if sock is None:
+                    raise RuntimeError(f"the master passed no socket for frontend "
+                                       f"{fe.name!r} bind {address}")
+                if fe.mode == "http":
+                    factory = (lambda fe=fe: HttpClient(self, fe))
+                else:
+                    factory = (lambda fe=fe: TcpClient(self, fe))
+                listener = Listener(self, sock, factory)
+                await listener.start()
+                fe.listeners.append(listener)
+        stats = self.config.global_.stats
+        if stats is not None:
+            sock = by_address.pop(str(stats.bind), None)
+            if sock is None:
+                raise RuntimeError(f"the master passed no socket for stats bind {stats.bind}")
+            from hapymaster.worker.stats import StatsHttp
+            self.stats_listener = Listener(self, sock, lambda: StatsHttp(self))
+            await self.stats_listener.start()
+        for address, sock in by_address.items():
+            log.warning("listener %s matches no frontend, closing it here", address)
+            sock.close()
+
+    # --- connection accounting (maxconn) --------------------------------------
+
+    def admit(self, session: Any, fe: FrontendState) -> bool:
+        """Count a new connection in; False means: park it until a slot frees."""
+        self.sessions.add(session)
+        fe.counters.stot += 1
+        self.cum_conns += 1
+        if (fe.maxconn and fe.cur >= fe.maxconn) or (self.maxconn and self.cur_conns >= self.maxconn):
+            # Accepted in the same batch as the one that reached the limit:
+            # hold it unread rather than drop it.
+            fe.parked.append(session)
+            self._update_accepting(fe)
+            return False
+        self._count_in(fe)
+        return True
+
+    def _count_in(self, fe: FrontendState) -> None:
+        fe.cur += 1
+        self.cur_conns += 1
+        if fe.cur > fe.counters.smax:
+            fe.counters.smax = fe.cur
+        if (fe.maxconn and fe.cur >= fe.maxconn) or (self.maxconn and self.cur_conns >= self.maxconn):
+            self._update_accepting(fe)
+
+    def release_conn(self, session: Any, fe: FrontendState) -> None:
+        self.sessions.discard(session)
+        try:
+            fe.parked.remove(session)
+            return
+        except ValueError:
+            pass
+        fe.cur -= 1
+        self.cur_conns -= 1
+        self._unpark()
+        if self.stopping and not self.sessions:
+            self._finish_stop()
+
+    def _unpark(self) -> None:
+        for fe in self.frontends:
+            while fe.parked and not (fe.maxconn and fe.cur >= fe.maxconn) and \
+                    not (self.maxconn and self.cur_conns >= self.maxconn):
+                session = fe.parked.popleft()
+                self._count_in(fe)
+                session.start()
+        for fe in self.frontends:
+            self._update_accepting(fe)
+
+    def _update_accepting(self, fe: FrontendState) -> None:
+        full = (fe.maxconn and fe.cur >= fe.maxconn) or \
+            (self.maxconn and self.cur_conns >= self.maxconn) or bool(fe.parked)
+        if self.stopping:
+            return
+        if full and not fe.paused:
+            fe.paused = True
+            for listener in fe.listeners:
+                listener.pause()
+        elif not full and fe.paused:
+            fe.paused = False
+            for listener in fe.listeners:
+                listener.resume()
+
+    # --- timeouts -------------------------------------------------------------
+
+    def start_sweeper(self) -> None:
+        self._sweeper = self.loop.call_later(self.tick, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.now = self.loop.time()
+        for session in list(self.sessions):
+            try:
+                session.expire(now)
+            except Exception:  # noqa: BLE001 - one broken session must not stop the sweeper
+                log.exception("timeout handling failed; closing the connection")
+                session.abort()
+        self._sweeper = self.loop.call_later(self.tick, self._sweep)
+
+    # --- stopping ---------------------------------------------------------------
+
+    def soft_stop(self, reason: str = "soft stop") -> None:
+        """Stop accepting, let busy connections finish, then exit 0."""
+        if self.stopping:
+            return
+        log.info("%s: closing listeners, %d connection(s) to finish", reason, len(self.sessions))
+        self.stopping = True
+        self._close_listeners()
+        if self.checks is not None:
+            self.checks.stop()
+        for session in list(self.sessions):
+            session.soft_stop()
+        for fe in self.frontends:
+            for session in list(fe.parked):
+                session.abort()
+        if not self.sessions:
+            self._finish_stop()
+
+    def hard_stop(self, reason: str = "stop") -> None:
+        log.info("%s: closing %d connection(s) now", reason, len(self.sessions))
+        self.stopping = True
+        self._close_listeners()
+        if self.checks is not None:
+            self.checks.stop()
+        for session in list(self.sessions):
+            session.abort()
+        self._finish_stop()
+
+    def _close_listeners(self) -> None:
+        for fe in self.frontends:
+            for listener in fe.listeners:
+                listener.close()
+        if self.stats_listener is not None:
+            self.stats_listener.close()
+
+    def _finish_stop(self) -> None:
+        if not self.exit_future.done():
+            self.exit_future.set_result(0)
+
+    def install_signals(self) -> None:
+        loop = self.loop
+        loop.add_signal_handler(signal.SIGUSR1, self.soft_stop, "SIGUSR1 (soft stop)")
+        loop.add_signal_handler(signal.SIGTERM, self.hard_stop, "SIGTERM")
+        # Ctrl-C reaches the whole foreground process group; the master decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def master_gone(self) -> None:
+        """EOF on the control channel: the master died. Finish quickly and leave."""
+        log.warning("the master closed the control channel; leaving")
+        self.soft_stop("master gone")
+        self.loop.call_later(min(5.0, self.config.global_.hard_stop_after), self.hard_stop,
+                             "master gone, connections left")

@@ -1,0 +1,1083 @@
+"""The HTTP/1.1 reverse proxy: one client Protocol, one server Protocol.
+
+A client connection (``HttpClient``) parses requests with httptools, picks a
+backend (routes, then ``default_backend``) and a server per request, borrows
+an idle keep-alive connection to that server from the worker-wide pool (or
+opens one), sends the rewritten request head, then streams the body as it
+arrives. The server connection (``HttpServer``) parses the response and
+streams it back. Back-pressure is transport to transport: a full write buffer
+on one side pauses reading on the other. Nothing buffers a whole body.
+
+Requests pipelined by the client are parsed as they come but served one at a
+time, in order: the client's reading is paused while a request waits behind
+another, so at most one read's worth is held.
+
+Timeouts are not timers: each connection records its phase, a deadline and
+the time of its last I/O, and the worker's sweeper (``process.Worker``) calls
+``expire()`` when a limit is passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from hapymaster.worker.balance import NO_SERVER, BackendState, ServerState
+from hapymaster.worker.errors import ERROR_RESPONSES
+
+if TYPE_CHECKING:
+    from hapymaster.worker.process import FrontendState, Worker
+
+log = logging.getLogger("hapymaster.worker")
+access_log = logging.getLogger("hapymaster.access")
+
+HttpParserError = httptools.HttpParserError
+HttpParserUpgrade = httptools.HttpParserUpgrade
+
+# Limits in the spirit of HAProxy's tune.bufsize (16 kB): a request line
+# longer than MAX_URL gets 414, a header section beyond MAX_HEAD or more than
+# MAX_HEADERS fields gets 431.
+MAX_URL = 8192
+MAX_HEAD = 16384
+MAX_HEADERS = 100
+# Body bytes held for a request whose server connection is not there yet
+# (connecting, queued, pipelined): beyond this, stop reading the client.
+MAX_PENDING = 262144
+WRITE_HIGH = 262144
+MAX_IDLE_PER_SERVER = 256
+
+# Headers that concern one hop only (RFC 9110 7.6.1) and are never forwarded;
+# the proxy writes its own framing and connection management.
+# A Connection header cannot make these disappear: they frame or route the request.
+_NEVER_HOP = frozenset((b"host", b"content-length", b"close", b"keep-alive", b"upgrade"))
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade", b"proxy-authenticate"))
+
+# Client connection phases (what the sweeper checks).
+P_HEAD = 1        # waiting for a complete request head: timeout.http_request -> 408
+P_IDLE = 2        # keep-alive, between requests: timeout.http_keep_alive -> close
+P_QUEUE = 3       # waiting for a server slot: timeout.queue -> 503
+P_CONNECT = 4     # connecting to the server: timeout.connect -> retry, then 503
+P_BODY = 5        # request body still arriving: timeout.client (inactivity) -> 408
+P_WAIT = 6        # request sent, response expected/streaming: timeout.server -> 504
+P_TUNNEL = 7      # Upgrade tunnel: timeout.tunnel (inactivity) -> close
+P_PARKED = 8      # accepted beyond maxconn, waiting for a slot
+
+# Pause reasons for the client's reading (bit flags, reading resumes when none is left).
+R_PIPE = 1        # a pipelined request waits behind the current one
+R_PENDING = 2     # body held while the server connection is not ready
+R_SERVER = 4      # the server connection's write buffer is full
+R_PARKED = 8      # accepted beyond maxconn
+R_UPGRADE = 16    # upgrade asked: wait for the server's 101 before reading more
+
+
+class Request:
+    """One request on a client connection, from its first byte to its last."""
+
+    __slots__ = ("url", "headers", "head_size", "method", "version", "keep_alive", "chunked",
+                 "has_body", "complete", "pending", "pending_size", "streaming", "upgrade",
+                 "backend", "server", "conn", "retries", "status", "bytes_in", "bytes_out",
+                 "t_start", "t_head", "t_queue", "t_connect", "t_response", "host",
+                 "resp_started", "resp_chunked", "resp_close", "resp_nobody", "client_ka",
+                 "headers_done", "leftover", "term", "server_last")
+
+    def __init__(self, now: float):
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.chunked = False
+        self.has_body = False
+        self.complete = False
+        self.headers_done = False
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.streaming = False
+        self.upgrade = False
+        self.backend: BackendState | None = None
+        self.server: ServerState | None = None
+        self.conn: HttpServer | None = None
+        self.retries = 0
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.t_start = now
+        self.t_head = -1.0
+        self.t_queue = -1.0
+        self.t_connect = -1.0
+        self.t_response = -1.0
+        self.host = b""
+        self.resp_started = False
+        self.resp_chunked = False
+        self.resp_close = False
+        self.resp_nobody = False
+        self.client_ka = True
+        self.leftover = b""
+        self.term = "--"
+        self.server_last: ServerState | None = None
+
+
+class _ParseStop(Exception):
+    """Raised from a parser callback to answer ``code`` and stop reading."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+class HttpClient(asyncio.Protocol):
+    """The client side of an HTTP frontend connection."""
+
+    def __init__(self, worker: "Worker", frontend: "FrontendState"):
+        self.w = worker
+        self.fe = frontend
+        self.transport: Any = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.reqs: deque[Request] = deque()   # [0] is served, the rest are pipelined
+        self.req: Request | None = None       # the request the parser is filling
+        self.srv: HttpServer | None = None    # server connection of reqs[0]
+        self.paused = 0
+        self.write_paused = False
+        self.closed = False
+        self.tunnel = False
+        self.phase = P_HEAD
+        self.deadline = 0.0
+        self.t_io = 0.0
+        self.peer: tuple[str, int] = ("", 0)
+        self.client_key = b""
+        self.requests_served = 0
+        self.connect_task: asyncio.Future | None = None
+        self.t_accept = 0.0
+
+    # --- connection life ------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = (peer[0], peer[1])
+            self.client_key = peer[0].encode()
+        now = self.w.now
+        self.t_accept = now
+        self.t_io = now
+        if not self.w.admit(self, self.fe):
+            self.phase = P_PARKED
+            self._pause(R_PARKED)
+            return
+        self.start()
+
+    def start(self) -> None:
+        """Called once the connection holds a maxconn slot."""
+        now = self.w.now
+        self.phase = P_HEAD
+        self.deadline = now + self.fe.timeout.http_request
+        self._resume(R_PARKED)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.phase == P_QUEUE and self.reqs and self.reqs[0].backend is not None:
+            self.reqs[0].backend.dequeue(self)
+        for req in self.reqs:
+            if req.status == 0 and req.headers_done:
+                req.term = "CD" if req.resp_started else ("CH" if req.streaming else "CR")
+                self._finish_log(req, aborted=True)
+            self._release_server(req)
+        self.reqs.clear()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        srv, self.srv = self.srv, None
+        if srv is not None:
+            srv.client = None
+            srv.close()
+        self.w.release_conn(self, self.fe)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _pause(self, reason: int) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.srv is not None and self.srv.transport is not None:
+            self.srv.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.t_io = self.w.now
+        if self.srv is not None and self.srv.transport is not None:
+            self.srv.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        # A client that half-closes after its request still gets its answer;
+        # with nothing in flight there is nothing left to do.
+        if self.tunnel and self.srv is not None:
+            if self.srv.transport.can_write_eof():
+                self.srv.transport.write_eof()
+            return True
+        if self.reqs and self.reqs[0].headers_done and self.reqs[0].status == 0:
+            req = self.reqs[0]
+            if req.complete:
+                req.client_ka = False
+                return True
+        return False
+
+    # --- reading the client ---------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.t_io = self.w.now
+        if self.tunnel:
+            req = self.reqs[0]
+            req.bytes_in += len(data)
+            self.srv.transport.write(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._upgrade_requested(data[exc.args[0]:])
+        except _ParseStop as exc:
+            self._bad_request(exc.code)
+        except HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _ParseStop):
+                self._bad_request(cause.code)
+            else:
+                self._bad_request(400)
+
+    def on_message_begin(self) -> None:
+        req = Request(self.w.now)
+        self.reqs.append(req)
+        self.req = req
+        if len(self.reqs) > 1:
+            self._pause(R_PIPE)
+        elif self.phase == P_IDLE:
+            self.phase = P_HEAD
+            self.deadline = self.w.now + self.fe.timeout.http_request
+
+    def on_url(self, url: bytes) -> None:
+        req = self.req
+        req.url += url
+        if len(req.url) > MAX_URL:
+            raise _ParseStop(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self.req
+        if req.headers_done:
+            return  # trailers of a chunked body: not forwarded
+        req.headers.append((name, value))
+        req.head_size += len(name) + len(value) + 4
+        if req.head_size > MAX_HEAD or len(req.headers) > MAX_HEADERS:
+            raise _ParseStop(431)
+
+    def on_headers_complete(self) -> None:
+        req = self.req
+        parser = self.parser
+        req.headers_done = True
+        req.t_head = self.w.now
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        if req.version not in ("1.1", "1.0"):
+            raise _ParseStop(400)
+        req.keep_alive = parser.should_keep_alive()
+        req.upgrade = parser.should_upgrade()
+        if req.method == b"CONNECT":
+            raise _ParseStop(405)
+        if req is self.reqs[0]:
+            self._dispatch(req)
+
+    def on_body(self, body: bytes) -> None:
+        req = self.req
+        req.bytes_in += len(body)
+        if req.streaming:
+            conn = req.conn
+            if req.chunked:
+                conn.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            else:
+                conn.transport.write(body)
+        else:
+            req.pending.append(body)
+            req.pending_size += len(body)
+            if req.pending_size > MAX_PENDING:
+                self._pause(R_PENDING)
+
+    def on_message_complete(self) -> None:
+        req = self.req
+        self.req = None
+        req.complete = True
+        if req.streaming:
+            if req.chunked:
+                req.conn.transport.write(b"0\r\n\r\n")
+            if self.phase == P_BODY:
+                self.phase = P_WAIT
+                self.t_io = self.w.now
+
+    def _upgrade_requested(self, rest: bytes) -> None:
+        # httptools stops at the end of an Upgrade (or CONNECT) request head:
+        # what follows belongs to the new protocol if the server agrees (101),
+        # or is the next request if it does not.
+        req = self.reqs[-1] if self.reqs else None
+        if req is None:
+            self._bad_request(400)
+            return
+        req.leftover = rest
+        self._pause(R_UPGRADE)
+
+    def _bad_request(self, code: int) -> None:
+        """The client sent something we will not forward: answer ``code`` and close."""
+        self.fe.counters.ereq += 1
+        busy = self.reqs and self.reqs[0].resp_started and self.reqs[0].status == 0
+        if busy:
+            # A response is being streamed: a status now would corrupt it.
+            self.reqs[0].client_ka = False
+            self._pause(R_PIPE)
+            return
+        req = self.reqs[0] if self.reqs else Request(self.w.now)
+        req.term = "PR"
+        self._error(req, code)
+
+    # --- choosing the server --------------------------------------------------
+
+    def _dispatch(self, req: Request) -> None:
+        """reqs[0] has its head: route it and find it a server connection."""
+        backend = self.fe.route(req)
+        req.backend = backend
+        if req.upgrade:
+            self._pause(R_UPGRADE)
+        self._take_server(req)
+
+    def _take_server(self, req: Request) -> None:
+        server = req.backend.take(self, self.client_key)
+        if server is None:
+            self.phase = P_QUEUE
+            self.deadline = self.w.now + req.backend.timeout.queue
+            return
+        if server is NO_SERVER:
+            req.term = "SC"
+            self._error(req, 503)
+            return
+        self._use_server(req, server)
+
+    def on_server(self, server: ServerState | None) -> None:
+        """The backend queue gave us a server (or None: every server left)."""
+        if not self.reqs or self.closed:
+            if server is not None:
+                server.backend.release(server)
+            return
+        req = self.reqs[0]
+        req.t_queue = self.w.now
+        if server is None:
+            req.term = "SQ"
+            self._error(req, 503)
+            return
+        self._use_server(req, server)
+
+    def _use_server(self, req: Request, server: ServerState) -> None:
+        req.server = server
+        if req.t_queue < 0:
+            req.t_queue = self.w.now
+        idle = server.idle
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                req.t_connect = self.w.now
+                self._attach(req, conn)
+                return
+        self._connect(req, server)
+
+    def _connect(self, req: Request, server: ServerState) -> None:
+        self.phase = P_CONNECT
+        self.deadline = self.w.now + req.backend.timeout.connect
+        self.connect_task = asyncio.ensure_future(self._open(req, server))
+
+    async def _open(self, req: Request, server: ServerState) -> None:
+        loop = self.w.loop
+        try:
+            _, conn = await loop.create_connection(lambda: HttpServer(self.w, server),
+                                                   server.host, server.port)
+        except asyncio.CancelledError:
+            return
+        except OSError as exc:
+            self.connect_task = None
+            self._connect_failed(req, f"{type(exc).__name__}: {exc.strerror or exc}")
+            return
+        self.connect_task = None
+        if self.closed or not self.reqs or self.reqs[0] is not req:
+            conn.close()
+            return
+        req.t_connect = self.w.now
+        self._attach(req, conn)
+
+    def _connect_failed(self, req: Request, why: str) -> None:
+        server = req.server
+        server.counters.econ += 1
+        req.backend.counters.econ += 1
+        self._release_server(req)
+        if req.retries < 3 and not self.closed:
+            # Like HAProxy's "retries 3" with "option redispatch": try again,
+            # letting the algorithm pick (the failed server is not excluded,
+            # but round robin and friends move on).
+            req.retries += 1
+            server.counters.wretr += 1
+            self._take_server(req)
+            return
+        req.term = "SC"
+        self._error(req, 503)
+
+    def _attach(self, req: Request, conn: "HttpServer") -> None:
+        """Send the request head (and any held body) on ``conn``."""
+        self.srv = conn
+        req.conn = conn
+        conn.client = self
+        conn.req = req
+        conn.start_response()
+        if self.write_paused:
+            conn.transport.pause_reading()
+        head = self._request_head(req)
+        transport = conn.transport
+        if req.pending:
+            if req.chunked:
+                parts = [head]
+                for chunk in req.pending:
+                    parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
+                if req.complete:
+                    parts.append(b"0\r\n\r\n")
+                transport.writelines(parts)
+            else:
+                transport.writelines([head, *req.pending])
+            req.pending = []
+            req.pending_size = 0
+            self._resume(R_PENDING)
+        else:
+            if req.complete and req.chunked:
+                head += b"0\r\n\r\n"
+            transport.write(head)
+        req.streaming = True
+        self.t_io = self.w.now
+        if req.complete:
+            self.phase = P_WAIT
+        else:
+            self.phase = P_BODY
+
+    def _request_head(self, req: Request) -> bytes:
+        """The request line and headers as sent to the server.
+
+        Hop-by-hop headers (and those named by Connection) are dropped, the
+        framing is restated, X-Forwarded-For / X-Forwarded-Proto / Forwarded
+        are added. The server side always speaks HTTP/1.1 with keep-alive.
+        """
+        fe = self.fe
+        lines = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
+        extra_hop: tuple[bytes, ...] = ()
+        upgrade_value = b""
+        chunked = False
+        content_length = None
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"connection":
+                    extra_hop += tuple(t.strip().lower() for t in value.split(b","))
+                elif lname == b"transfer-encoding":
+                    chunked = True
+                elif lname == b"upgrade":
+                    upgrade_value = value
+                continue
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"host":
+                req.host = value
+            lines += (name, b": ", value, b"\r\n")
+        extra_hop = tuple(t for t in extra_hop if t not in _NEVER_HOP)
+        if extra_hop:
+            # Drop what the client's Connection header declared hop-by-hop.
+            kept = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
+            for name, value in req.headers:
+                lname = name.lower()
+                if lname in HOP_BY_HOP or lname in extra_hop:
+                    continue
+                kept += (name, b": ", value, b"\r\n")
+            lines = kept
+        req.chunked = chunked
+        req.has_body = chunked or (content_length is not None and content_length != b"0")
+        if chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if req.upgrade and upgrade_value:
+            lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
+        ip = self.peer[0]
+        if fe.x_forwarded_for:
+            lines += (b"X-Forwarded-For: ", self.client_key, b"\r\n")
+        if fe.x_forwarded_proto:
+            lines.append(b"X-Forwarded-Proto: http\r\n")
+        if fe.forwarded:
+            node = f'"[{ip}]"' if ":" in ip else ip
+            forwarded = f"for={node};proto=http"
+            if req.host:
+                forwarded += f";host=\"{req.host.decode('latin-1')}\""
+            lines += (b"Forwarded: ", forwarded.encode("latin-1"), b"\r\n")
+        lines.append(b"\r\n")
+        head = b"".join(lines)
+        req.bytes_in += len(head)
+        return head
+
+    # --- the response ---------------------------------------------------------
+
+    def response_head(self, conn: "HttpServer", status: int) -> None:
+        req = conn.req
+        if status < 200 and status != 101:
+            # Interim responses (100 Continue, 103) go to HTTP/1.1 clients only.
+            if req.version == "1.1":
+                self.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, conn.reason or b"Continue"))
+            return
+        req.t_response = self.w.now
+        req.status = status
+        req.resp_started = True
+        method = req.method
+        nobody = method == b"HEAD" or status in (204, 304)
+        client_ka = req.keep_alive and req.client_ka and not self.w.stopping
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, conn.reason)]
+        chunked = False
+        has_length = False
+        upgrade = b""
+        extra_hop: tuple[bytes, ...] = ()
+        for name, value in conn.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"transfer-encoding":
+                    chunked = True
+                elif lname == b"connection":
+                    extra_hop += tuple(t.strip().lower() for t in value.split(b","))
+                elif lname == b"upgrade":
+                    upgrade = value
+                continue
+            if lname == b"content-length":
+                has_length = True
+            lines += (name, b": ", value, b"\r\n")
+        if extra_hop:
+            kept = [lines[0]]
+            for name, value in conn.headers:
+                lname = name.lower()
+                if lname in HOP_BY_HOP or lname in extra_hop:
+                    continue
+                kept += (name, b": ", value, b"\r\n")
+            lines = kept
+        if status == 101:
+            if not req.upgrade:
+                req.term = "SH"
+                self._server_error(conn, 502)
+                return
+            lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
+            head = b"".join(lines)
+            req.bytes_out += len(head)
+            self.transport.write(head)
+            return
+        req.resp_nobody = nobody
+        req.resp_chunked = False
+        if nobody:
+            pass
+        elif chunked:
+            if req.version == "1.1":
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+                req.resp_chunked = True
+            else:
+                client_ka = False
+        elif not has_length:
+            # Body delimited by the server closing: HTTP/1.1 clients get it
+            # chunked (and keep their connection), HTTP/1.0 ones get a close.
+            req.resp_close = True
+            if req.version == "1.1":
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+                req.resp_chunked = True
+            else:
+                client_ka = False
+        if not conn.keep_alive:
+            req.resp_close = req.resp_close or not (nobody or chunked or has_length)
+        req.client_ka = client_ka
+        if not client_ka:
+            lines.append(b"Connection: close\r\n\r\n")
+        elif req.version == "1.0":
+            lines.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            lines.append(b"\r\n")
+        head = b"".join(lines)
+        req.bytes_out += len(head)
+        self.transport.write(head)
+        if nobody and method == b"HEAD":
+            # httptools cannot be told that a HEAD response has no body: end
+            # the exchange here and give the connection a fresh parser.
+            conn.fresh_parser = True
+            self.response_done(conn)
+
+    def response_body(self, conn: "HttpServer", body: bytes) -> None:
+        req = conn.req
+        req.bytes_out += len(body)
+        if req.resp_chunked:
+            self.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        else:
+            self.transport.write(body)
+
+    def response_done(self, conn: "HttpServer") -> None:
+        """The server finished its response: log, recycle, serve the next request."""
+        req = conn.req
+        if req is None or req.status == 0:
+            return
+        if req.resp_chunked:
+            self.transport.write(b"0\r\n\r\n")
+        conn.req = None
+        conn.client = None
+        self.srv = None
+        reusable = conn.keep_alive and req.complete and not req.resp_close
+        server = req.server
+        self._release_server(req)
+        if reusable and server is not None:
+            conn.make_idle(server)
+        else:
+            conn.close()
+        self._finish_log(req)
+        self.reqs.popleft()
+        self.requests_served += 1
+        if not req.client_ka or not req.complete:
+            self.close()
+            return
+        if req.upgrade:
+            # An Upgrade the server declined: httptools stopped at its head,
+            # so parse what followed (the next requests) with a new parser.
+            self.parser = httptools.HttpRequestParser(self)
+            self._resume(R_UPGRADE)
+            leftover, req.leftover = req.leftover, b""
+            self.phase = P_IDLE
+            self.deadline = self.w.now + self.fe.timeout.http_keep_alive
+            if leftover:
+                self.data_received(leftover)
+            return
+        if self.reqs:
+            nxt = self.reqs[0]
+            if nxt.headers_done:
+                self.w.loop.call_soon(self._dispatch_next, nxt)
+            else:
+                self.phase = P_HEAD
+                self.deadline = self.w.now + self.fe.timeout.http_request
+            if len(self.reqs) == 1:
+                self._resume(R_PIPE)
+        else:
+            self.phase = P_IDLE
+            self.deadline = self.w.now + self.fe.timeout.http_keep_alive
+            self._resume(R_PIPE)
+            if self.w.stopping:
+                self.close()
+
+    def _dispatch_next(self, req: Request) -> None:
+        if not self.closed and self.reqs and self.reqs[0] is req and not req.resp_started:
+            self._dispatch(req)
+
+    def start_tunnel(self, conn: "HttpServer", rest: bytes) -> None:
+        """The server answered 101: from now on bytes flow unparsed both ways."""
+        req = conn.req
+        self.tunnel = True
+        conn.tunnel = True
+        self.phase = P_TUNNEL
+        self.t_io = self.w.now
+        if rest:
+            req.bytes_out += len(rest)
+            self.transport.write(rest)
+        if req.leftover:
+            req.bytes_in += len(req.leftover)
+            conn.transport.write(req.leftover)
+            req.leftover = b""
+        self._resume(R_UPGRADE)
+        self._resume(R_PIPE)
+
+    def server_lost(self, conn: "HttpServer", exc: Exception | None) -> None:
+        """The server connection closed while serving reqs[0]."""
+        req = conn.req
+        conn.req = None
+        conn.client = None
+        if self.srv is conn:
+            self.srv = None
+        if req is None or self.closed:
+            return
+        if self.tunnel:
+            self._release_server(req)
+            self._finish_log(req)
+            self.close()
+            return
+        if req.resp_started:
+            if req.resp_close and req.status:
+                self.response_done_close(conn, req)
+                return
+            req.term = "SD"
+            req.server.counters.srv_abrt += 1
+            self._release_server(req)
+            self._finish_log(req)
+            self.abort()
+            return
+        if conn.reused and not conn.got_data and not req.has_body and not req.upgrade:
+            # A kept-alive connection the server had just closed: the request
+            # never reached it. Send it again on a fresh connection.
+            req.streaming = False
+            req.bytes_in = 0
+            self._connect(req, req.server)
+            return
+        req.term = "SH"
+        self._server_error(conn, 502)
+
+    def response_done_close(self, conn: "HttpServer", req: Request) -> None:
+        conn.req = req
+        conn.keep_alive = False
+        self.response_done(conn)
+
+    def _server_error(self, conn: "HttpServer", code: int) -> None:
+        req = conn.req or (self.reqs[0] if self.reqs else None)
+        if req is None:
+            self.close()
+            return
+        if req.server is not None:
+            req.server.counters.eresp += 1
+        if req.backend is not None:
+            req.backend.counters.eresp += 1
+        conn.req = None
+        conn.client = None
+        conn.close()
+        if self.srv is conn:
+            self.srv = None
+        if req.resp_started:
+            self._release_server(req)
+            self._finish_log(req)
+            self.abort()
+            return
+        self._error(req, code)
+
+    # --- ending ---------------------------------------------------------------
+
+    def _release_server(self, req: Request) -> None:
+        server = req.server
+        if server is not None:
+            req.server = None
+            server.backend.release(server)
+            req.server_last = server
+
+    def _error(self, req: Request, code: int) -> None:
+        """Answer ``code`` with the small HAProxy-like page and close."""
+        if self.phase == P_QUEUE and req.backend is not None:
+            req.backend.dequeue(self)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        self._release_server(req)
+        srv, self.srv = self.srv, None
+        if srv is not None:
+            srv.req = None
+            srv.client = None
+            srv.close()
+        req.status = code
+        body = ERROR_RESPONSES[code]
+        req.bytes_out += len(body)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(body)
+        if req.headers_done or code in (400, 408, 414, 431):
+            self._finish_log(req)
+        self.reqs.clear()
+        self.close()
+
+    def _finish_log(self, req: Request, aborted: bool = False) -> None:
+        fe = self.fe
+        counters = fe.counters
+        counters.req_tot += 1
+        counters.bin += req.bytes_in
+        counters.bout += req.bytes_out
+        status = req.status
+        if status:
+            counters.status(status)
+        backend = req.backend
+        server = req.server_last
+        if backend is not None:
+            bc = backend.counters
+            bc.req_tot += 1
+            bc.bin += req.bytes_in
+            bc.bout += req.bytes_out
+            if status:
+                bc.status(status)
+            if aborted:
+                bc.cli_abrt += 1
+        if server is not None:
+            sc = server.counters
+            sc.stot += 1
+            sc.bin += req.bytes_in
+            sc.bout += req.bytes_out
+            if status:
+                sc.status(status)
+            if aborted:
+                sc.cli_abrt += 1
+        if fe.access_log:
+            self._log_line(req, server)
+
+    def _log_line(self, req: Request, server: ServerState | None) -> None:
+        # HAProxy's httplog: client, date, frontend, backend/server,
+        # TR/Tw/Tc/Tr/Ta, status, bytes, cookies, termination state,
+        # actconn/feconn/beconn/srv_conn/retries, srv_queue/backend_queue, request.
+        now = self.w.loop.time()
+        start = req.t_start
+
+        def ms(t: float, base: float) -> int:
+            return -1 if t < 0 else int((t - base) * 1000)
+
+        t_req = ms(req.t_head, start)
+        t_wait = ms(req.t_queue, req.t_head) if req.t_head >= 0 else -1
+        t_conn = ms(req.t_connect, req.t_queue) if req.t_queue >= 0 else -1
+        t_resp = ms(req.t_response, req.t_connect) if req.t_connect >= 0 else -1
+        t_all = int((now - start) * 1000)
+        backend = req.backend.name if req.backend is not None else self.fe.name
+        server_name = server.name if server is not None else "<NOSRV>"
+        method = req.method.decode("latin-1") if req.method else "<BADREQ>"
+        line = (f"{self.peer[0]}:{self.peer[1]} [{_log_date()}] {self.fe.name} "
+                f"{backend}/{server_name} {t_req}/{t_wait}/{t_conn}/{t_resp}/{t_all} "
+                f"{req.status or -1} {req.bytes_out} - - {req.term}-- "
+                f"{self.w.cur_conns}/{self.fe.cur}/{req.backend.cur if req.backend else 0}/"
+                f"{server.cur if server else 0}/{req.retries} 0/"
+                f"{len(req.backend.queue) if req.backend else 0} "
+                f"\"{method} {req.url.decode('latin-1')} HTTP/{req.version}\"")
+        access_log.info(line, extra={
+            "HAPYMASTER_FRONTEND": self.fe.name, "HAPYMASTER_BACKEND": backend,
+            "HAPYMASTER_SERVER": server_name, "HAPYMASTER_STATUS": str(req.status),
+            "HAPYMASTER_CLIENT": self.peer[0]})
+
+    # --- timeouts -------------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """Called by the sweeper on every tick."""
+        phase = self.phase
+        if phase == P_WAIT:
+            if now - self.t_io >= self._server_timeout():
+                req = self.reqs[0] if self.reqs else None
+                if req is None:
+                    self.close()
+                elif req.resp_started:
+                    req.term = "sD"
+                    self._release_server(req)
+                    self._finish_log(req)
+                    self.abort()
+                else:
+                    req.term = "sH"
+                    if req.server is not None:
+                        req.server.counters.eresp += 1
+                    self._error(req, 504)
+            return
+        if phase == P_BODY:
+            if now - self.t_io >= self.fe.timeout.client:
+                req = self.reqs[0]
+                req.term = "cD"
+                if req.resp_started:
+                    self.abort()
+                else:
+                    self._error(req, 408)
+            return
+        if phase == P_TUNNEL:
+            if now - self.t_io >= self._tunnel_timeout():
+                self.close()
+            return
+        if phase == P_PARKED or now < self.deadline:
+            return
+        if phase == P_HEAD:
+            req = self.reqs[0] if self.reqs else Request(self.t_accept)
+            req.term = "cR"
+            self._error(req, 408)
+        elif phase == P_IDLE:
+            self.close()
+        elif phase == P_QUEUE:
+            req = self.reqs[0]
+            req.term = "sQ"
+            self._error(req, 503)
+        elif phase == P_CONNECT:
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+                self.connect_task = None
+            self._connect_failed(self.reqs[0], "timeout")
+
+    def _server_timeout(self) -> float:
+        req = self.reqs[0] if self.reqs else None
+        if req is not None and req.backend is not None:
+            return req.backend.timeout.server
+        return self.fe.timeout.server
+
+    def _tunnel_timeout(self) -> float:
+        req = self.reqs[0] if self.reqs else None
+        if req is not None and req.backend is not None:
+            return req.backend.timeout.tunnel
+        return self.fe.timeout.tunnel
+
+    def soft_stop(self) -> None:
+        """The worker is leaving: idle connections close now, busy ones after their response."""
+        if not self.reqs and self.phase in (P_IDLE, P_HEAD, P_PARKED):
+            self.close()
+
+
+class HttpServer(asyncio.Protocol):
+    """A connection to one server; in the pool when idle."""
+
+    def __init__(self, worker: "Worker", server: ServerState):
+        self.w = worker
+        self.server = server
+        self.transport: Any = None
+        self.client: HttpClient | None = None
+        self.req: Request | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.keep_alive = True
+        self.reused = False
+        self.got_data = False
+        self.idle = False
+        self.tunnel = False
+        self.fresh_parser = False
+        self.in_head = True
+        self.closed = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH)
+
+    def start_response(self) -> None:
+        if self.fresh_parser:
+            self.parser = httptools.HttpResponseParser(self)
+            self.fresh_parser = False
+        self.idle = False
+        self.got_data = False
+        self.headers = []
+        self.reason = b""
+        self.in_head = True
+
+    def make_idle(self, server: ServerState) -> None:
+        if self.closed or len(server.idle) >= MAX_IDLE_PER_SERVER or not server.usable:
+            self.close()
+            return
+        self.idle = True
+        self.transport.resume_reading()
+        server.idle.append(self)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            # Nothing asked: a server closing its idle connection says so
+            # with data sometimes (a 408); drop the connection.
+            self.transport.abort()
+            return
+        self.got_data = True
+        client.t_io = self.w.now
+        if self.tunnel:
+            self.req.bytes_out += len(data)
+            client.transport.write(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            if self.req is not None and self.req.status == 101:
+                client.start_tunnel(self, data[exc.args[0]:])
+            else:
+                client._server_error(self, 502)
+        except HttpParserError:
+            if self.client is not None:
+                if self.req is not None:
+                    self.req.term = "SH"
+                self.client._server_error(self, 502)
+            else:
+                self.close()
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_head:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        client = self.client
+        if status < 200 and status != 101:
+            client.response_head(self, status)
+            self.headers = []
+            self.reason = b""
+            return
+        self.in_head = False
+        self.keep_alive = self.parser.should_keep_alive()
+        client.response_head(self, status)
+
+    def on_body(self, body: bytes) -> None:
+        client = self.client
+        if client is not None and self.req is not None:
+            client.response_body(self, body)
+
+    def on_message_complete(self) -> None:
+        if self.in_head:
+            return  # the end of an interim (1xx) response
+        client = self.client
+        if client is not None and self.req is not None and self.req.status != 101:
+            client.response_done(self)
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client._pause(R_SERVER)
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client._resume(R_SERVER)
+
+    def eof_received(self) -> bool:
+        if self.tunnel and self.client is not None:
+            transport = self.client.transport
+            if transport.can_write_eof():
+                transport.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.idle:
+            try:
+                self.server.idle.remove(self)
+            except ValueError:
+                pass
+            return
+        if self.client is not None:
+            self.client.server_lost(self, exc)
+
+
+_last_log_second = 0
+_last_log_date = ""
+
+
+def _log_date() -> str:
+    """``25/Nov/2026:13:30:00.123`` as in HAProxy's logs, cached per second."""
+    global _last_log_second, _last_log_date
+    now = time.time()
+    second = int(now)
+    if second != _last_log_second:
+        _last_log_second = second
+        _last_log_date = time.strftime("%d/%b/%Y:%H:%M:%S", time.localtime(now))
+    return f"{_last_log_date}.{int((now - second) * 1000):03d}"
