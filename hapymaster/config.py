@@ -136,6 +136,7 @@ class Frontend:
     x_forwarded_for: bool = True
     x_forwarded_proto: bool = True
     forwarded: bool = True
+    access_log: bool = True  # one httplog/tcplog line per request/session
     where: Where = field(default=NOWHERE, compare=False)
 
 
@@ -425,6 +426,7 @@ class _Parser:
             x_forwarded_for=self.inherited(section, defaults, "x_forwarded_for", _bool, True, what),
             x_forwarded_proto=self.inherited(section, defaults, "x_forwarded_proto", _bool, True, what),
             forwarded=self.inherited(section, defaults, "forwarded", _bool, True, what),
+            access_log=self.inherited(section, defaults, "access_log", _bool, True, what),
             where=self.where(section.line),
         )
 
@@ -558,9 +560,9 @@ class _Parser:
 
 
 _DEFAULTS_KEYS = ("mode", "timeout", "maxconn", "balance", "check",
-                  "x_forwarded_for", "x_forwarded_proto", "forwarded")
+                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "access_log")
 _FRONTEND_KEYS = ("name", "bind", "mode", "default_backend", "routes", "timeout", "maxconn",
-                  "x_forwarded_for", "x_forwarded_proto", "forwarded")
+                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "access_log")
 _BACKEND_KEYS = ("name", "mode", "balance", "check", "servers", "timeout")
 
 

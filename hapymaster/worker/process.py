@@ -85,7 +85,7 @@ class FrontendState:
         self.x_forwarded_for = config.x_forwarded_for
         self.x_forwarded_proto = config.x_forwarded_proto
         self.forwarded = config.forwarded
-        self.access_log = getattr(config, "access_log", True)
+        self.access_log = config.access_log
         self.listeners: list[Listener] = []
         self.cur = 0
         self.counters = Counters()
@@ -128,6 +128,7 @@ class Worker:
         self.master_pid = master_pid
         self.started = time.time()
         self.now = loop.time()
+        self.clock = loop.time
         self.backends = build_backends(config.backends)
         self.frontends = [FrontendState(self, fe, fid)
                           for fid, fe in enumerate(config.frontends, start=1)]

@@ -165,7 +165,7 @@ class HttpClient(asyncio.Protocol):
         if peer:
             self.peer = (peer[0], peer[1])
             self.client_key = peer[0].encode()
-        now = self.w.now
+        now = self.w.clock()
         self.t_accept = now
         self.t_io = now
         if not self.w.admit(self, self.fe):
@@ -176,7 +176,7 @@ class HttpClient(asyncio.Protocol):
 
     def start(self) -> None:
         """Called once the connection holds a maxconn slot."""
-        now = self.w.now
+        now = self.w.clock()
         self.phase = P_HEAD
         self.deadline = now + self.fe.timeout.http_request
         self._resume(R_PARKED)
@@ -228,7 +228,7 @@ class HttpClient(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.t_io = self.w.now
+        self.t_io = self.w.clock()
         if self.srv is not None and self.srv.transport is not None:
             self.srv.transport.resume_reading()
 
@@ -249,7 +249,7 @@ class HttpClient(asyncio.Protocol):
     # --- reading the client ---------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.t_io = self.w.now
+        self.t_io = self.w.clock()
         if self.tunnel:
             req = self.reqs[0]
             req.bytes_in += len(data)
@@ -269,14 +269,14 @@ class HttpClient(asyncio.Protocol):
                 self._bad_request(400)
 
     def on_message_begin(self) -> None:
-        req = Request(self.w.now)
+        req = Request(self.w.clock())
         self.reqs.append(req)
         self.req = req
         if len(self.reqs) > 1:
             self._pause(R_PIPE)
         elif self.phase == P_IDLE:
             self.phase = P_HEAD
-            self.deadline = self.w.now + self.fe.timeout.http_request
+            self.deadline = self.w.clock() + self.fe.timeout.http_request
 
     def on_url(self, url: bytes) -> None:
         req = self.req
@@ -297,7 +297,7 @@ class HttpClient(asyncio.Protocol):
         req = self.req
         parser = self.parser
         req.headers_done = True
-        req.t_head = self.w.now
+        req.t_head = self.w.clock()
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         if req.version not in ("1.1", "1.0"):
@@ -333,7 +333,7 @@ class HttpClient(asyncio.Protocol):
                 req.conn.transport.write(b"0\r\n\r\n")
             if self.phase == P_BODY:
                 self.phase = P_WAIT
-                self.t_io = self.w.now
+                self.t_io = self.w.clock()
 
     def _upgrade_requested(self, rest: bytes) -> None:
         # httptools stops at the end of an Upgrade (or CONNECT) request head:
@@ -355,7 +355,7 @@ class HttpClient(asyncio.Protocol):
             self.reqs[0].client_ka = False
             self._pause(R_PIPE)
             return
-        req = self.reqs[0] if self.reqs else Request(self.w.now)
+        req = self.reqs[0] if self.reqs else Request(self.w.clock())
         req.term = "PR"
         self._error(req, code)
 
@@ -373,7 +373,7 @@ class HttpClient(asyncio.Protocol):
         server = req.backend.take(self, self.client_key)
         if server is None:
             self.phase = P_QUEUE
-            self.deadline = self.w.now + req.backend.timeout.queue
+            self.deadline = self.w.clock() + req.backend.timeout.queue
             return
         if server is NO_SERVER:
             req.term = "SC"
@@ -388,7 +388,7 @@ class HttpClient(asyncio.Protocol):
                 server.backend.release(server)
             return
         req = self.reqs[0]
-        req.t_queue = self.w.now
+        req.t_queue = self.w.clock()
         if server is None:
             req.term = "SQ"
             self._error(req, 503)
@@ -398,20 +398,20 @@ class HttpClient(asyncio.Protocol):
     def _use_server(self, req: Request, server: ServerState) -> None:
         req.server = server
         if req.t_queue < 0:
-            req.t_queue = self.w.now
+            req.t_queue = self.w.clock()
         idle = server.idle
         while idle:
             conn = idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
-                req.t_connect = self.w.now
+                req.t_connect = self.w.clock()
                 self._attach(req, conn)
                 return
         self._connect(req, server)
 
     def _connect(self, req: Request, server: ServerState) -> None:
         self.phase = P_CONNECT
-        self.deadline = self.w.now + req.backend.timeout.connect
+        self.deadline = self.w.clock() + req.backend.timeout.connect
         self.connect_task = asyncio.ensure_future(self._open(req, server))
 
     async def _open(self, req: Request, server: ServerState) -> None:
@@ -429,7 +429,7 @@ class HttpClient(asyncio.Protocol):
         if self.closed or not self.reqs or self.reqs[0] is not req:
             conn.close()
             return
-        req.t_connect = self.w.now
+        req.t_connect = self.w.clock()
         self._attach(req, conn)
 
     def _connect_failed(self, req: Request, why: str) -> None:
@@ -477,7 +477,7 @@ class HttpClient(asyncio.Protocol):
                 head += b"0\r\n\r\n"
             transport.write(head)
         req.streaming = True
-        self.t_io = self.w.now
+        self.t_io = self.w.clock()
         if req.complete:
             self.phase = P_WAIT
         else:
@@ -552,7 +552,7 @@ class HttpClient(asyncio.Protocol):
             if req.version == "1.1":
                 self.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, conn.reason or b"Continue"))
             return
-        req.t_response = self.w.now
+        req.t_response = self.w.clock()
         req.status = status
         req.resp_started = True
         method = req.method
@@ -669,7 +669,7 @@ class HttpClient(asyncio.Protocol):
             self._resume(R_UPGRADE)
             leftover, req.leftover = req.leftover, b""
             self.phase = P_IDLE
-            self.deadline = self.w.now + self.fe.timeout.http_keep_alive
+            self.deadline = self.w.clock() + self.fe.timeout.http_keep_alive
             if leftover:
                 self.data_received(leftover)
             return
@@ -679,12 +679,12 @@ class HttpClient(asyncio.Protocol):
                 self.w.loop.call_soon(self._dispatch_next, nxt)
             else:
                 self.phase = P_HEAD
-                self.deadline = self.w.now + self.fe.timeout.http_request
+                self.deadline = self.w.clock() + self.fe.timeout.http_request
             if len(self.reqs) == 1:
                 self._resume(R_PIPE)
         else:
             self.phase = P_IDLE
-            self.deadline = self.w.now + self.fe.timeout.http_keep_alive
+            self.deadline = self.w.clock() + self.fe.timeout.http_keep_alive
             self._resume(R_PIPE)
             if self.w.stopping:
                 self.close()
@@ -699,7 +699,7 @@ class HttpClient(asyncio.Protocol):
         self.tunnel = True
         conn.tunnel = True
         self.phase = P_TUNNEL
-        self.t_io = self.w.now
+        self.t_io = self.w.clock()
         if rest:
             req.bytes_out += len(rest)
             self.transport.write(rest)
@@ -989,7 +989,7 @@ class HttpServer(asyncio.Protocol):
             self.transport.abort()
             return
         self.got_data = True
-        client.t_io = self.w.now
+        client.t_io = self.w.clock()
         if self.tunnel:
             self.req.bytes_out += len(data)
             client.transport.write(data)

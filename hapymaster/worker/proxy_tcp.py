@@ -65,7 +65,7 @@ class TcpClient(asyncio.Protocol):
         if peer:
             self.peer = (peer[0], peer[1])
             self.client_key = peer[0].encode()
-        self.t_start = self.t_io = self.w.now
+        self.t_start = self.t_io = self.w.clock()
         self.t_start_wall = time.time()
         if not self.w.admit(self, self.fe):
             transport.pause_reading()
@@ -77,7 +77,7 @@ class TcpClient(asyncio.Protocol):
         server = self.backend.take(self, self.client_key)
         if server is None:
             self.phase = P_QUEUE
-            self.deadline = self.w.now + self.backend.timeout.queue
+            self.deadline = self.w.clock() + self.backend.timeout.queue
         elif server is NO_SERVER:
             self.term = "SC"
             self.abort()
@@ -89,14 +89,14 @@ class TcpClient(asyncio.Protocol):
             if server is not None:
                 server.backend.release(server)
             return
-        self.t_queue = self.w.now
+        self.t_queue = self.w.clock()
         if server is None:
             self.term = "SQ"
             self.abort()
             return
         self.server = self.server_last = server
         self.phase = P_CONNECT
-        self.deadline = self.w.now + self.backend.timeout.connect
+        self.deadline = self.w.clock() + self.backend.timeout.connect
         self.connect_task = asyncio.ensure_future(self._open(server))
 
     async def _open(self, server: ServerState) -> None:
@@ -113,10 +113,10 @@ class TcpClient(asyncio.Protocol):
         if self.closed:
             srv.transport.close()
             return
-        self.t_connect = self.w.now
+        self.t_connect = self.w.clock()
         self.srv = srv
         self.phase = P_DATA
-        self.t_io = self.w.now
+        self.t_io = self.w.clock()
         if self.pending:
             srv.transport.writelines(self.pending)
             self.pending = []
@@ -142,7 +142,7 @@ class TcpClient(asyncio.Protocol):
         self.abort()
 
     def data_received(self, data: bytes) -> None:
-        self.t_io = self.w.now
+        self.t_io = self.w.clock()
         self.bytes_in += len(data)
         srv = self.srv
         if srv is not None:
@@ -166,7 +166,7 @@ class TcpClient(asyncio.Protocol):
             self.srv.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.t_io = self.w.now
+        self.t_io = self.w.clock()
         if self.srv is not None:
             self.srv.transport.resume_reading()
 
@@ -266,7 +266,7 @@ class TcpServer(asyncio.Protocol):
         client = self.client
         if client is None:
             return
-        client.t_io = client.w.now
+        client.t_io = client.w.clock()
         client.bytes_out += len(data)
         client.transport.write(data)
 
