@@ -135,4 +135,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("HAPYMASTER_PROFILE"):
+        import cProfile
+        profile = cProfile.Profile()
+        code = profile.runcall(main)
+        profile.dump_stats(os.environ["HAPYMASTER_PROFILE"])
+        sys.exit(code)
     sys.exit(main())

@@ -155,6 +155,10 @@ class HttpClient(asyncio.Protocol):
         self.requests_served = 0
         self.connect_task: asyncio.Future | None = None
         self.t_accept = 0.0
+        # Writes to the client gathered while one server read is parsed
+        # (head + body + end in one send instead of three); None: write now.
+        self.out: list[bytes] | None = None
+        self.forwarding: bytes | None = None
 
     # --- connection life ------------------------------------------------------
 
@@ -203,12 +207,28 @@ class HttpClient(asyncio.Protocol):
         self.w.release_conn(self, self.fe)
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            out = self.out
+            if out:
+                self.out = []
+                transport.writelines(out)
+            transport.close()
 
     def abort(self) -> None:
+        self.out = None
         if self.transport is not None:
             self.transport.abort()
+
+    def _send(self, data: bytes) -> None:
+        """Write to the client; while a server read is parsed, gather into one write."""
+        out = self.out
+        if out is None:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+        else:
+            out.append(data)
 
     def _pause(self, reason: int) -> None:
         if not self.paused and self.transport is not None:
@@ -527,21 +547,27 @@ class HttpClient(asyncio.Protocol):
             lines.append(b"Transfer-Encoding: chunked\r\n")
         if req.upgrade and upgrade_value:
             lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
-        ip = self.peer[0]
-        if fe.x_forwarded_for:
-            lines += (b"X-Forwarded-For: ", self.client_key, b"\r\n")
-        if fe.x_forwarded_proto:
-            lines.append(b"X-Forwarded-Proto: http\r\n")
-        if fe.forwarded:
-            node = f'"[{ip}]"' if ":" in ip else ip
-            forwarded = f"for={node};proto=http"
-            if req.host:
-                forwarded += f";host=\"{req.host.decode('latin-1')}\""
-            lines += (b"Forwarded: ", forwarded.encode("latin-1"), b"\r\n")
-        lines.append(b"\r\n")
+        forwarding = self.forwarding
+        if forwarding is None:
+            forwarding = self.forwarding = self._forwarding_headers()
+        lines.append(forwarding)
         head = b"".join(lines)
         req.bytes_in += len(head)
         return head
+
+    def _forwarding_headers(self) -> bytes:
+        """X-Forwarded-For/-Proto and Forwarded, the same for every request of a connection."""
+        fe = self.fe
+        ip = self.peer[0]
+        text = ""
+        if fe.x_forwarded_for:
+            text += f"X-Forwarded-For: {ip}\r\n"
+        if fe.x_forwarded_proto:
+            text += "X-Forwarded-Proto: http\r\n"
+        if fe.forwarded:
+            node = f'"[{ip}]"' if ":" in ip else ip
+            text += f"Forwarded: for={node};proto=http\r\n"
+        return (text + "\r\n").encode("latin-1")
 
     # --- the response ---------------------------------------------------------
 
@@ -550,7 +576,7 @@ class HttpClient(asyncio.Protocol):
         if status < 200 and status != 101:
             # Interim responses (100 Continue, 103) go to HTTP/1.1 clients only.
             if req.version == "1.1":
-                self.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, conn.reason or b"Continue"))
+                self._send(b"HTTP/1.1 %d %s\r\n\r\n" % (status, conn.reason or b"Continue"))
             return
         req.t_response = self.w.clock()
         req.status = status
@@ -592,7 +618,7 @@ class HttpClient(asyncio.Protocol):
             lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n\r\n")
             head = b"".join(lines)
             req.bytes_out += len(head)
-            self.transport.write(head)
+            self._send(head)
             return
         req.resp_nobody = nobody
         req.resp_chunked = False
@@ -624,7 +650,7 @@ class HttpClient(asyncio.Protocol):
             lines.append(b"\r\n")
         head = b"".join(lines)
         req.bytes_out += len(head)
-        self.transport.write(head)
+        self._send(head)
         if nobody and method == b"HEAD":
             # httptools cannot be told that a HEAD response has no body: end
             # the exchange here and give the connection a fresh parser.
@@ -634,10 +660,16 @@ class HttpClient(asyncio.Protocol):
     def response_body(self, conn: "HttpServer", body: bytes) -> None:
         req = conn.req
         req.bytes_out += len(body)
-        if req.resp_chunked:
-            self.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        out = self.out
+        if out is None:
+            if req.resp_chunked:
+                self.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            else:
+                self.transport.write(body)
+        elif req.resp_chunked:
+            out += (b"%x\r\n" % len(body), body, b"\r\n")
         else:
-            self.transport.write(body)
+            out.append(body)
 
     def response_done(self, conn: "HttpServer") -> None:
         """The server finished its response: log, recycle, serve the next request."""
@@ -645,7 +677,7 @@ class HttpClient(asyncio.Protocol):
         if req is None or req.status == 0:
             return
         if req.resp_chunked:
-            self.transport.write(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n")
         conn.req = None
         conn.client = None
         self.srv = None
@@ -702,7 +734,7 @@ class HttpClient(asyncio.Protocol):
         self.t_io = self.w.clock()
         if rest:
             req.bytes_out += len(rest)
-            self.transport.write(rest)
+            self._send(rest)
         if req.leftover:
             req.bytes_in += len(req.leftover)
             conn.transport.write(req.leftover)
@@ -795,8 +827,7 @@ class HttpClient(asyncio.Protocol):
         req.status = code
         body = ERROR_RESPONSES[code]
         req.bytes_out += len(body)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(body)
+        self._send(body)
         if req.headers_done or code in (400, 408, 414, 431):
             self._finish_log(req)
         self.reqs.clear()
@@ -994,6 +1025,7 @@ class HttpServer(asyncio.Protocol):
             self.req.bytes_out += len(data)
             client.transport.write(data)
             return
+        out = client.out = []
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -1008,6 +1040,12 @@ class HttpServer(asyncio.Protocol):
                 self.client._server_error(self, 502)
             else:
                 self.close()
+        if client.out is out:
+            client.out = None
+            if out:
+                transport = client.transport
+                if not transport.is_closing():
+                    transport.writelines(out)
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
