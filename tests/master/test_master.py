@@ -254,6 +254,8 @@ def test_max_reloads_signals_each_old_worker_once(master_factory, echo_backend, 
         expected = ["SIGUSR1"] + (["SIGTERM"] if max_reloads and lived > max_reloads else [])
         assert mine == expected, (pid, lived, sent)
         assert len(mine) == len(set(mine))
+    terminated = [pid for sig, pid in sent if sig == "SIGTERM"]
+    wait_for(lambda: not any(pid_alive(p) for p in terminated), what="SIGTERMed workers gone")
     survivors = {p.pid: p.reloads for p in master.show_proc() if p.section == "old workers"}
     for pid, lived in survivors.items():
         assert max_reloads == 0 or lived <= max_reloads
@@ -301,7 +303,7 @@ def test_soft_stopped_worker_finishes_its_connection(master_factory, echo_backen
 # --- failed reloads -------------------------------------------------------------------
 
 BAD_CONFIGS = {
-    "yaml syntax": ("frontends: [\n", 1, "YAML syntax error"),
+    "yaml syntax": ("global:\n  workers: 1\n stray: x\n", 3, "YAML syntax error"),
     "unknown key": ("global:\n  wokers: 2\n", 2, "unknown key 'wokers'"),
     "wrong type": ("global:\n  workers: many\n", 2, "expected an integer"),
     "bad duration": ("global:\n  ready_timeout: 5 parsecs\n", 2, "duration"),
