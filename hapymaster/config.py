@@ -137,6 +137,7 @@ class Frontend:
     x_forwarded_proto: bool = True
     forwarded: bool = True
     access_log: bool = True  # one httplog/tcplog line per request/session
+    max_body_size: int = 0  # bytes; a larger request body gets 413 (0 = no limit)
     where: Where = field(default=NOWHERE, compare=False)
 
 
@@ -427,6 +428,7 @@ class _Parser:
             x_forwarded_proto=self.inherited(section, defaults, "x_forwarded_proto", _bool, True, what),
             forwarded=self.inherited(section, defaults, "forwarded", _bool, True, what),
             access_log=self.inherited(section, defaults, "access_log", _bool, True, what),
+            max_body_size=self.inherited(section, defaults, "max_body_size", _count(0), 0, what),
             where=self.where(section.line),
         )
 
@@ -560,9 +562,11 @@ class _Parser:
 
 
 _DEFAULTS_KEYS = ("mode", "timeout", "maxconn", "balance", "check",
-                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "access_log")
+                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "access_log",
+                  "max_body_size")
 _FRONTEND_KEYS = ("name", "bind", "mode", "default_backend", "routes", "timeout", "maxconn",
-                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "access_log")
+                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "access_log",
+                  "max_body_size")
 _BACKEND_KEYS = ("name", "mode", "balance", "check", "servers", "timeout")
 
 

@@ -86,6 +86,7 @@ class FrontendState:
         self.x_forwarded_proto = config.x_forwarded_proto
         self.forwarded = config.forwarded
         self.access_log = config.access_log
+        self.max_body_size = config.max_body_size
         self.listeners: list[Listener] = []
         self.cur = 0
         self.counters = Counters()

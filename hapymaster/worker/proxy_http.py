@@ -84,7 +84,7 @@ class Request:
                  "backend", "server", "conn", "retries", "status", "bytes_in", "bytes_out",
                  "t_start", "t_head", "t_queue", "t_connect", "t_response", "host",
                  "resp_started", "resp_chunked", "resp_close", "resp_nobody", "client_ka",
-                 "headers_done", "leftover", "term", "server_last")
+                 "headers_done", "leftover", "term", "server_last", "body_size")
 
     def __init__(self, now: float):
         self.url = b""
@@ -122,6 +122,7 @@ class Request:
         self.leftover = b""
         self.term = "--"
         self.server_last: ServerState | None = None
+        self.body_size = 0
 
 
 class _ParseStop(Exception):
@@ -326,12 +327,21 @@ class HttpClient(asyncio.Protocol):
         req.upgrade = parser.should_upgrade()
         if req.method == b"CONNECT":
             raise _ParseStop(405)
+        limit = self.fe.max_body_size
+        if limit:
+            for name, value in req.headers:
+                if name.lower() == b"content-length" and int(value) > limit:
+                    raise _ParseStop(413)
         if req is self.reqs[0]:
             self._dispatch(req)
 
     def on_body(self, body: bytes) -> None:
         req = self.req
         req.bytes_in += len(body)
+        if self.fe.max_body_size:
+            req.body_size += len(body)
+            if req.body_size > self.fe.max_body_size:
+                raise _ParseStop(413)
         if req.streaming:
             conn = req.conn
             if req.chunked:
@@ -960,8 +970,16 @@ class HttpClient(asyncio.Protocol):
         return self.fe.timeout.tunnel
 
     def soft_stop(self) -> None:
-        """The worker is leaving: idle connections close now, busy ones after their response."""
-        if not self.reqs and self.phase in (P_IDLE, P_HEAD, P_PARKED):
+        """The worker is leaving: idle connections close now, busy ones after their response.
+
+        A connection still waiting for its first request is not idle: the
+        kernel handed it to us just before the soft stop and its client has
+        a request on the way. Closing it would answer that client with
+        nothing; it is served once, with ``Connection: close``, bounded by
+        timeout.http_request.
+        """
+        if not self.reqs and (self.phase == P_IDLE or
+                              (self.phase == P_HEAD and self.requests_served)):
             self.close()
 
 

@@ -145,6 +145,11 @@ def pattern_bytes(size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client (the proxy) hanging up mid-request is part of the tests
+
+
 class Origin:
     """A running HTTP origin server; change ``delay``/``fail``/``health_status`` live."""
 
@@ -155,7 +160,7 @@ class Origin:
         self.health_status = 200
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.connections: set[tuple[str, int]] = set()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+        self.httpd = _QuietHTTPServer(("127.0.0.1", port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.origin = self  # type: ignore[attr-defined]
         self.port = self.httpd.server_address[1]

@@ -1,0 +1,203 @@
+"""HTTP/1.1 proxying: bodies, chunked, 100-continue, pipelining, Upgrade,
+routes, HTTP/1.0, HEAD."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import time
+
+from conftest import http_config, http_get, origin_of, pattern_bytes, raw_exchange
+
+
+def connect(front: str, timeout: float = 5.0) -> socket.socket:
+    host, port = front.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def read_response(sock_file) -> tuple[int, dict[str, str], bytes]:
+    """Read one response from a socket file (Content-Length or chunked)."""
+    status_line = sock_file.readline()
+    status = int(status_line.split()[1])
+    headers = {}
+    while True:
+        line = sock_file.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, value = line.decode().split(":", 1)
+        headers[name.strip().lower()] = value.strip()
+    body = b""
+    if "content-length" in headers:
+        body = sock_file.read(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        while True:
+            size = int(sock_file.readline(), 16)
+            if size == 0:
+                sock_file.readline()
+                break
+            body += sock_file.read(size)
+            sock_file.readline()
+    return status, headers, body
+
+
+def test_10mb_bodies_both_ways_intact(backend, bind, run_worker):
+    a = backend("a")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)]))
+    payload = pattern_bytes(10 * 1024 * 1024)
+    status, _, body = http_get(front, "/upload", method="POST", body=payload, timeout=30)
+    info = json.loads(body)
+    assert status == 200 and info["received"] == len(payload)
+    assert info["sha256"] == hashlib.sha256(payload).hexdigest()
+    for path in ("/big/10485760", "/big/10485760/chunked"):
+        status, headers, body = http_get(front, path, timeout=30)
+        assert status == 200 and len(body) == 10 * 1024 * 1024
+        assert hashlib.sha256(body).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def test_chunked_request_streamed(backend, bind, run_worker):
+    a = backend("a")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)]))
+    pieces = [b"hello ", b"chunked ", b"world" * 1000]
+
+    def gen():
+        yield from pieces
+
+    # http.client sends an iterator body chunked when no length is given.
+    status, _, body = http_get(front, "/c", method="POST", body=gen())
+    info = json.loads(body)
+    assert status == 200 and info["received"] == sum(map(len, pieces))
+    assert info["sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert info["headers"].get("Transfer-Encoding") == "chunked"
+
+
+def test_expect_100_continue(backend, bind, run_worker):
+    a = backend("a")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)]))
+    with connect(front) as sock:
+        f = sock.makefile("rb")
+        sock.sendall(b"POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert f.readline().startswith(b"HTTP/1.1 100")
+        assert f.readline() == b"\r\n"
+        sock.sendall(b"hello")
+        status, _, body = read_response(f)
+        assert status == 200 and json.loads(body)["received"] == 5
+
+
+def test_pipelined_requests_answered_in_order(backend, bind, run_worker):
+    a, b = backend("a"), backend("b")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address), ("b", b.address)]))
+    with connect(front) as sock:
+        f = sock.makefile("rb")
+        sock.sendall(b"".join(b"GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(5)))
+        paths = []
+        for _ in range(5):
+            status, _, body = read_response(f)
+            assert status == 200
+            paths.append(json.loads(body)["path"])
+    assert paths == [f"/p{i}" for i in range(5)]
+
+
+def test_http10_client_and_head(backend, bind, run_worker):
+    a = backend("a")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)]))
+    answer = raw_exchange(front, b"GET /old HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+    with connect(front) as sock:
+        f = sock.makefile("rb")
+        sock.sendall(b"GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, _ = read_response(f)
+        assert status == 200 and headers["connection"] == "keep-alive"
+        sock.sendall(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
+        status_line = f.readline()
+        assert status_line.startswith(b"HTTP/1.1 200")
+        headers = {}
+        while (line := f.readline()) != b"\r\n":
+            name, value = line.decode().split(":", 1)
+            headers[name.lower()] = value.strip()
+        assert int(headers["content-length"]) > 0
+        # No body after a HEAD answer: the next request works on the same connection.
+        sock.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = read_response(f)
+        assert status == 200 and json.loads(body)["path"] == "/after"
+
+
+def test_connection_close_respected(backend, bind, run_worker):
+    a = backend("a")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)]))
+    answer = raw_exchange(front, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                                 b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"connection: close" in answer.lower()
+
+
+def test_routes_by_path_and_host(backend, bind, run_worker):
+    app, api, static = backend("app"), backend("api"), backend("static")
+    front = bind("web")
+    config = f"""\
+frontends:
+  - name: web
+    bind: ["{front}"]
+    default_backend: app
+    routes:
+      - {{path_prefix: /api, backend: api}}
+      - {{host: static.example.com, backend: static}}
+backends:
+  - name: app
+    servers: [{{name: s, address: "{app.address}"}}]
+  - name: api
+    servers: [{{name: s, address: "{api.address}"}}]
+  - name: static
+    servers: [{{name: s, address: "{static.address}"}}]
+"""
+    run_worker(config)
+    assert origin_of(http_get(front, "/api/v1")[2]) == "api"
+    assert origin_of(http_get(front, "/x", headers={"Host": "static.example.com:80"})[2]) == "static"
+    assert origin_of(http_get(front, "/x", headers={"Host": "STATIC.example.com"})[2]) == "static"
+    assert origin_of(http_get(front, "/x", headers={"Host": "other"})[2]) == "app"
+
+
+def test_websocket_upgrade_tunnel(bind, run_worker):
+    # A tiny origin that accepts the upgrade and then echoes raw bytes.
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        f = conn.makefile("rb")
+        while f.readline() not in (b"\r\n", b""):
+            pass
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\nwelcome")
+        while True:
+            data = conn.recv(1000)
+            if not data:
+                break
+            conn.sendall(data.upper())
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    front = bind("web")
+    run_worker(http_config(front, [("ws", f"127.0.0.1:{port}")]))
+    with connect(front) as sock:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"HTTP/1.1 101")
+        headers = b""
+        while (line := f.readline()) != b"\r\n":
+            headers += line
+        assert b"upgrade: websocket" in headers.lower()
+        assert f.read(7) == b"welcome"
+        sock.sendall(b"ping over the tunnel")
+        assert f.read(20) == b"PING OVER THE TUNNEL"
+    listener.close()
