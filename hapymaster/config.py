@@ -12,6 +12,7 @@ runs its own, new, parser on exactly the bytes the master validated).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -581,7 +582,6 @@ def _kind(value: Any) -> str:
 
 
 def _suggest(key: str, allowed: tuple[str, ...]) -> str:
-    import difflib
     close = difflib.get_close_matches(key, allowed, n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (expected one of: {', '.join(allowed)})"
 

@@ -475,6 +475,8 @@ class Master:
         workers = await self.start_generation(config, text, state)
         try:
             await self.wait_ready(workers, config.global_.ready_timeout)
+            if self.stopping:
+                raise ReloadFailed("the master is stopping")
         except ReloadFailed as exc:
             self.abandon(workers, "reload failed")
             self.close_listeners(added)
@@ -506,7 +508,8 @@ class Master:
         self.failed_reloads += 1
         for reason in reasons:
             log.error("reload failed: %s", reason)
-        notify("READY=1", f"STATUS=Reload failed: {reasons[0]}")
+        if not self.stopping:  # after STOPPING=1, systemd must not hear READY=1 again
+            notify("READY=1", f"STATUS=Reload failed: {reasons[0]}")
         return ReloadResult(False, reasons)
 
     def sigterm_workers_over_max_reloads(self) -> None:

@@ -45,7 +45,7 @@ def format_uptime(seconds: float) -> str:
 def show_proc(master: Master) -> str:
     now = time.monotonic()
     row = "{:<15} {:<15} {:<15} {:<15} {}"
-    lines = [row.format("#<PID>", "<type>", "<reloads>", "<uptime>", "<version>")]
+    lines = [row.format("#<PID>", "<type>", "<reloads>", "<uptime>", "<version>"), "# master"]
     lines.append(row.format(os.getpid(), "master", f"{master.reloads} [failed: {master.failed_reloads}]",
                             format_uptime(now - master.started_at), master.version))
 
@@ -53,8 +53,9 @@ def show_proc(master: Master) -> str:
         return row.format(worker.pid, "worker", worker.reloads,
                           format_uptime(now - worker.started_at), worker.version)
 
-    lines.append("# workers")
-    lines.extend(worker_row(w) for w in master.current_workers())
+    lines.append("# workers")  # the current generation, and the next one while it starts
+    lines.extend(worker_row(w) for w in master.processes
+                 if w.generation >= master.generation and w.state is not WorkerState.LEAVING)
     lines.append("# old workers")
     lines.extend(worker_row(w) for w in master.old_workers())
     return "\n".join(lines) + "\n"

@@ -101,8 +101,9 @@ def test_show_proc_format(master_factory, http_backend):
     text = master.ctl("show proc")
     lines = text.splitlines()
     assert lines[0].split() == ["#<PID>", "<type>", "<reloads>", "<uptime>", "<version>"]
-    assert lines[1].split()[:5] == [str(master.pid), "master", "0", "[failed:", "0]"]
-    assert lines[2] == "# workers"
+    assert lines[1] == "# master"
+    assert lines[2].split()[:5] == [str(master.pid), "master", "0", "[failed:", "0]"]
+    assert lines[3] == "# workers"
     assert len([p for p in master.show_proc() if p.section == "workers"]) == 2
     assert "# old workers" in lines
 
@@ -226,7 +227,7 @@ def test_coalesced_reloads(master_factory, http_backend):
     for thread in threads:
         thread.join(60)
     assert len(results) == 6 and all(r.startswith("Success=1") for r in results)
-    master_line = master.ctl("show proc").splitlines()[1].split()
+    master_line = master.ctl("show proc").splitlines()[2].split()
     # Six requests, at most two reloads: the running one and one for all who waited.
     assert 1 <= int(master_line[2]) <= 2
 
@@ -466,6 +467,39 @@ def test_stop_kills_after_hard_stop_after(master_factory, echo_backend):
     assert ("SIGKILL", worker) in master.signals_sent()
     assert not pid_alive(worker)
     conn.close()
+
+
+def test_stop_during_reload(master_factory, notify_socket, http_backend, tmp_path):
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address], ready_timeout="30s"))
+    worker_fault(tmp_path, "never-ready")
+    result: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("r", master.reload()))
+    thread.start()
+    wait_for(lambda: len(master.show_proc()) == 3, what="the new worker to be started")
+    mark = len(notify_socket.snapshot())
+    os.kill(master.pid, signal.SIGTERM)
+    assert master.wait_exit(15) == 0
+    thread.join(10)
+    assert result["r"].startswith("Success=0")
+    after = notify_socket.snapshot()[mark:]
+    assert any(m.get("STOPPING") == "1" for m in after)
+    assert not any(m.get("READY") == "1" for m in after), after
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_workers_drop_privileges(master_factory, http_backend):
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address],
+                                        extra_global="  user: nobody\n  group: nogroup"))
+    status = Path(f"/proc/{master.workers()[0]}/status").read_text()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    gid_line = next(line for line in status.splitlines() if line.startswith("Gid:"))
+    assert uid_line.split()[1:] == ["65534"] * 4 and gid_line.split()[1:] == ["65534"] * 4
+    assert Path(f"/proc/{master.pid}/status").read_text().count("Uid:\t0") == 1
+    assert http_get(port)[0] == 200
+    assert master.reload().startswith("Success=1")
 
 
 def test_watchdog(master_factory, notify_socket, http_backend):
