@@ -13,15 +13,30 @@ the reload (or the start) and keeps the old workers.
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import logging
 import os
+import pwd
 import socket
 import sys
 from typing import Any
 
 from hapymaster.config import Config, ConfigError, parse_config
 from hapymaster.sdnotify import setup_logging
+# Everything the worker will ever import is imported here, before privileges
+# are dropped: afterwards the interpreter's own library may not be readable
+# (a Python under /root, a chroot), and a lazy import would fail mid-request.
+from hapymaster.worker import proxy_http, proxy_tcp, stats  # noqa: F401
+from hapymaster.worker.checks import HealthChecker
+from hapymaster.worker.control import ControlChannel
+from hapymaster.worker.process import Worker
+from hapymaster.worker.runtime import apply_state
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency
+    uvloop = None
 
 log = logging.getLogger("hapymaster.worker")
 
@@ -46,8 +61,6 @@ def drop_privileges(config: Config) -> None:
     user, group = config.global_.user, config.global_.group
     if os.getuid() != 0 or not (user or group):
         return
-    import grp
-    import pwd
     uid = gid = None
     if user:
         entry = pwd.getpwnam(user)
@@ -63,11 +76,7 @@ def drop_privileges(config: Config) -> None:
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+    return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
 
 
 def main() -> int:
@@ -97,11 +106,6 @@ def main() -> int:
         log.error("cannot drop privileges to user %r group %r: %s", config.global_.user,
                   config.global_.group, exc)
         return 1
-
-    from hapymaster.worker.checks import HealthChecker
-    from hapymaster.worker.control import ControlChannel
-    from hapymaster.worker.process import Worker
-    from hapymaster.worker.runtime import apply_state
 
     loop = new_loop()
     asyncio.set_event_loop(loop)
