@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import signal
@@ -16,7 +17,8 @@ import yaml
 from . import __version__
 from .config import (DEFAULT_CONFIG_PATH, DEFAULT_MASTER_SOCKET, EMBEDDED_CONFIG, EMBEDDED_NAME,
                      ConfigError)
-from .master import Master, _die_with_parent, load_function
+from .master import Master, load_function
+from .pdeathsig import die_with_parent
 from .sdnotify import child_environment, setup_logging
 
 USAGE = """\
@@ -102,7 +104,7 @@ async def _run(master: Master, serve) -> int:  # type: ignore[no-untyped-def]
 def start_demo_origins() -> subprocess.Popen[bytes]:
     process = subprocess.Popen([sys.executable, "-m", "hapymaster.demo"], env=child_environment(),
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               preexec_fn=_die_with_parent)
+                               preexec_fn=functools.partial(die_with_parent, os.getpid()))
     assert process.stdout is not None
     process.stdout.readline()  # "demo origins ready": the first health check should pass
     return process

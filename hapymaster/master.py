@@ -16,8 +16,8 @@ generation, wait until all of it is READY, then the two passes
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import enum
+import functools
 import importlib.metadata
 import json
 import logging
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from . import __version__
+from .pdeathsig import die_with_parent
 from .config import Address, Config, ConfigError, parse_config, read_config
 from .sdnotify import child_environment, monotonic_usec, notify, watchdog_interval
 
@@ -81,13 +82,6 @@ class ReloadResult:
 
 class ReloadFailed(Exception):
     pass
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    """Ask the kernel to kill this worker if the master dies, even by SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 def installed_version() -> str:
@@ -299,7 +293,7 @@ class Master:
             process = subprocess.Popen(
                 [sys.executable, "-m", "hapymaster.worker"], env=env, stdin=subprocess.DEVNULL,
                 pass_fds=[child_end.fileno()] + [fd for _, fd in listeners],
-                preexec_fn=_die_with_parent)
+                preexec_fn=functools.partial(die_with_parent, os.getpid()))
         finally:
             child_end.close()
         # We reap children ourselves (SIGCHLD); keep Popen from ever waiting too.

@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 from hapymaster.config import Config, ConfigError, parse_config
+from hapymaster.pdeathsig import die_with_parent
 from hapymaster.sdnotify import setup_logging
 # Everything the worker will ever import is imported here, before privileges
 # are dropped: afterwards the interpreter's own library may not be readable
@@ -106,6 +107,9 @@ def main() -> int:
         log.error("cannot drop privileges to user %r group %r: %s", config.global_.user,
                   config.global_.group, exc)
         return 1
+    master_pid = int(boot.get("master_pid") or 0)
+    if master_pid:
+        die_with_parent(master_pid)  # the kernel forgot it if we changed uid/gid
 
     loop = new_loop()
     asyncio.set_event_loop(loop)

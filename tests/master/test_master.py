@@ -429,13 +429,22 @@ def test_first_start_bind_failure_exits_nonzero(master_factory, http_backend):
     assert "cannot bind" in master.log()
 
 
-def test_master_sigkill_leaves_no_worker(master_factory, http_backend):
-    backend = http_backend("a")
-    master = master_factory(http_config(free_port(), [backend.address], workers=2))
+@pytest.mark.parametrize("as_user", [False, True])
+def test_master_sigkill_leaves_no_worker(master_factory, echo_backend, as_user):
+    if as_user and os.geteuid() != 0:
+        pytest.skip("dropping privileges needs root")
+    port = free_port()
+    config = tcp_config(port, echo_backend.address)
+    if as_user:  # the kernel clears PDEATHSIG when a process changes uid
+        config = config.replace("global:\n", "global:\n  user: nobody\n  group: nogroup\n")
+    master = master_factory(config)
     workers = master.workers()
+    busy = open_echo(port)  # a worker finishing connections must still die with the master
     master.process.kill()
     master.process.wait(5)
-    wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=10, what="workers to die")
+    # At once, by the kernel: not after some grace period of their own.
+    wait_for(lambda: not any(pid_alive(p) for p in workers), timeout=3, what="workers to die")
+    busy.close()
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGUSR1"])
