@@ -254,6 +254,26 @@ def test_upgrade_reloads_into_new_code_and_keeps_the_conffile(container: Contain
     check_no_refused(result, journal)
 
 
+def test_upgrade_with_an_invalid_config_keeps_the_service_running(container: Container):
+    """An admin edited the config badly and never reloaded; then an upgrade
+    comes: the reload fails, and a restart would fail too, so the postinst
+    must leave the running service alone rather than take it down."""
+    c = container
+    pid, before = main_pid(c), current_workers(c)
+    c.sh(f"cp {CONFIG} /root/good.yaml && printf 'bogus_top_level_key: 1\\n' >> {CONFIG}")
+    try:
+        # Reinstalling the same version runs the same postinst upgrade path.
+        upgrade = c.run(["dpkg", "-i", "/root/hapymaster-upgrade.deb"], timeout=120, check=False)
+        assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+        assert "is invalid" in upgrade.stderr, upgrade.stderr
+        assert c.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active"
+        assert main_pid(c) == pid and current_workers(c) == before
+        status, body = get(c, attempts=1)
+        assert status == 200 and MARKER in body, (status, body)
+    finally:
+        c.sh(f"cp /root/good.yaml {CONFIG}")
+
+
 def test_stop_leaves_no_process(container: Container):
     c = container
     t0 = time.monotonic()
