@@ -48,3 +48,13 @@ def test_unit_exposure_at_most_2_offline():
     level = float(last.split(":")[1].split()[0])
     print(f"offline exposure: {level}")
     assert level <= 2.0, proc.stdout
+
+
+def test_debian_changelog_matches_the_project_version():
+    """debian/changelog carries the upstream version: bump both together."""
+    import re
+    upstream = re.search(r'(?m)^version = "([^"]+)"', (REPO / "pyproject.toml").read_text())
+    first = (REPO / "debian" / "changelog").read_text().splitlines()[0]
+    packaged = re.match(r"hapymaster \(([^)-]+)-[^)]+\)", first)
+    assert upstream and packaged, first
+    assert packaged.group(1) == upstream.group(1), (first, upstream.group(1))
