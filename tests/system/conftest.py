@@ -1,4 +1,4 @@
-"""Fixtures for the packaging and real-systemd tests.
+"""Fixtures for the packaging and real-systemd tests (helpers.py has what they hand out).
 
 ``deb_packages``  the .deb built from this tree (and an "upgrade" build of the
                   same tree with a bumped version), in a temporary directory.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -25,12 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from .helpers import REPO, SYSTEM_PATH, UPGRADE_VERSION, Container, DebPackages, run
+
 SUITE = "bookworm"
 MIRROR = os.environ.get("HAPYMASTER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CACHE_DIR = Path(os.environ.get("HAPYMASTER_TEST_CACHE", "/var/cache/hapymaster-tests"))
@@ -38,8 +37,6 @@ CACHE_DIR = Path(os.environ.get("HAPYMASTER_TEST_CACHE", "/var/cache/hapymaster-
 # and hapymaster's runtime dependencies from the distribution.
 ROOTFS_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3-minimal",
                    "python3-yaml", "python3-uvloop", "python3-httptools", "python3-systemd")
-SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-UPGRADE_VERSION = "0.1.0+systemtest1"
 
 
 def _why_no_nspawn() -> str | None:
@@ -62,23 +59,7 @@ def _require_tools(*tools: str) -> None:
                     "(debootstrap systemd-container dpkg-dev debhelper dh-python ...)")
 
 
-def run(cmd: list[str], timeout: float = 120, check: bool = True,
-        **kwargs) -> subprocess.CompletedProcess:
-    env = kwargs.pop("env", None) or {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": "/root"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
-                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
-    return proc
-
-
 # --- the packages ---------------------------------------------------------
-
-
-@dataclass
-class DebPackages:
-    current: Path
-    upgrade: Path
 
 
 def _copy_tree(dest: Path) -> None:
@@ -201,40 +182,6 @@ def _remove_cgroup_tree(path: Path) -> None:
             time.sleep(0.1)
 
 
-@dataclass
-class Container:
-    rootfs: Path
-    nspawn: subprocess.Popen
-    leader: int  # PID (host view) of the container's systemd
-    log: Path
-    cgroups: list[Path] = field(default_factory=list)
-
-    def sh(self, script: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-        """Run a shell script inside the container, as root, in all its namespaces."""
-        return self.run(["sh", "-c", script], timeout=timeout, check=check)
-
-    def run(self, cmd: list[str], timeout: float = 60, check: bool = True,
-            **kwargs) -> subprocess.CompletedProcess:
-        env = ["env", "-i", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8", "HOME=/root",
-               "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0", "DEBIAN_FRONTEND=noninteractive"]
-        return run(["nsenter", "-t", str(self.leader), "-a", *env, *cmd],
-                   timeout=timeout, check=check, **kwargs)
-
-    def net_cmd(self, cmd: list[str]) -> list[str]:
-        """A host command line that runs ``cmd`` in the container's network only."""
-        return ["nsenter", "-t", str(self.leader), "-n", *cmd]
-
-    def show(self, unit: str, *props: str) -> dict[str, str]:
-        out = self.run(["systemctl", "show", unit, *(f"--property={p}" for p in props)]).stdout
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
 def _leader(nspawn: subprocess.Popen, deadline: float) -> int:
     while time.monotonic() < deadline:
         if nspawn.poll() is not None:
@@ -325,93 +272,3 @@ def container(rootfs_tar: Path, deb_packages: DebPackages, tmp_path_factory):
     finally:
         _stop_container(c)
         shutil.rmtree(rootfs, ignore_errors=True)
-
-
-# --- talking to hapymaster inside --------------------------------------------
-
-
-@dataclass
-class Proc:
-    pid: int
-    type: str
-    section: str  # master | workers | old workers
-    reloads: str
-    version: str
-
-
-def parse_show_proc(text: str) -> list[Proc]:
-    """``show proc``: rows of ``PID type reloads uptime version`` under ``# ...`` headers."""
-    procs, section = [], "master"
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#") and not stripped.startswith("#<"):
-            section = stripped.lstrip("#").strip()
-            continue
-        fields = stripped.split()
-        if not fields or not fields[0].isdigit():
-            continue
-        reloads = " ".join(fields[2:-2])  # "5 [failed: 0]" on the master line
-        procs.append(Proc(int(fields[0]), fields[1], section, reloads, fields[-1]))
-    return procs
-
-
-LOAD_CLIENT = r"""
-import json, socket, sys, time, threading
-stop_file, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
-marker = sys.argv[3].encode()
-counts = {"ok": 0, "refused": 0, "reset": 0, "timeout": 0, "bad": 0}
-errors = []
-lock = threading.Lock()
-def one():
-    try:
-        with socket.create_connection(("127.0.0.1", 80), timeout=5) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        ok = data[:12] in (b"HTTP/1.1 200", b"HTTP/1.0 200") and marker in data
-        return "ok" if ok else "bad", data[:80]
-    except ConnectionRefusedError as e:
-        return "refused", repr(e)
-    except (ConnectionResetError, BrokenPipeError) as e:
-        return "reset", repr(e)
-    except socket.timeout as e:
-        return "timeout", repr(e)
-def loop():
-    import os
-    while time.monotonic() < deadline and not os.path.exists(stop_file):
-        kind, detail = one()
-        with lock:
-            counts[kind] += 1
-            if kind != "ok" and len(errors) < 5:
-                errors.append(f"{kind}: {detail!r}")
-threads = [threading.Thread(target=loop) for _ in range(4)]
-for t in threads: t.start()
-for t in threads: t.join()
-print(json.dumps({"counts": counts, "errors": errors}))
-"""
-
-
-class Load:
-    """Connections in a loop from the container's network namespace while
-    something else happens: counts every refused or failed one."""
-
-    def __init__(self, c: Container, tmp: Path, marker: str, max_seconds: float = 60):
-        self.stop_file = tmp / f"stop-load-{time.monotonic_ns()}"
-        self.proc = subprocess.Popen(
-            c.net_cmd([sys.executable, "-c", LOAD_CLIENT, str(self.stop_file), str(max_seconds),
-                       marker]),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def finish(self) -> dict:
-        self.stop_file.touch()
-        try:
-            out, err = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, err = self.proc.communicate()
-        assert self.proc.returncode == 0, err
-        return json.loads(out)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from .conftest import UPGRADE_VERSION, Container, Load, parse_show_proc
+from .helpers import UPGRADE_VERSION, Container, Load, parse_show_proc
 
 UNIT = "hapymaster.service"
 CONFIG = "/etc/hapymaster/hapymaster.yaml"

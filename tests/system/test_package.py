@@ -3,11 +3,12 @@ the right files and dependencies, and the unit's hardening score."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
 
-from .conftest import REPO, DebPackages, run
+from .helpers import REPO, DebPackages, run
 
 
 def test_lintian_reports_no_error_and_no_warning(deb_packages: DebPackages):
@@ -52,7 +53,6 @@ def test_unit_exposure_at_most_2_offline():
 
 def test_debian_changelog_matches_the_project_version():
     """debian/changelog carries the upstream version: bump both together."""
-    import re
     upstream = re.search(r'(?m)^version = "([^"]+)"', (REPO / "pyproject.toml").read_text())
     first = (REPO / "debian" / "changelog").read_text().splitlines()[0]
     packaged = re.match(r"hapymaster \(([^)-]+)-[^)]+\)", first)
