@@ -387,14 +387,10 @@ class Master:
         served anything and are killed.
         """
         for worker in workers:
-            if worker not in self.processes:
-                continue
-            if worker.state is WorkerState.READY:
+            if worker in self.processes:
+                sig = signal.SIGUSR1 if worker.state is WorkerState.READY else signal.SIGKILL
                 worker.state = WorkerState.LEAVING
-                self.send_signal(worker, signal.SIGUSR1, why)
-            else:
-                worker.state = WorkerState.LEAVING
-                self.send_signal(worker, signal.SIGKILL, why)
+                self.send_signal(worker, sig, why)
 
     # --- first start ----------------------------------------------------------
 
@@ -456,7 +452,6 @@ class Master:
             config, text = self._load_config()
         except ConfigError as exc:
             return self._reload_failed(exc.errors)
-        previous = self.current_workers()
         live = list(self.processes)
         for worker in live:
             worker.reloads += 1
@@ -482,7 +477,7 @@ class Master:
         self.close_unused_listeners()
         notify("READY=1", f"STATUS={self.status_line()}")
         self.sigterm_workers_over_max_reloads()
-        self.soft_stop_previous_generation(previous, hard)
+        self.soft_stop_previous_generation(hard)
         messages = [f"{w.describe()} READY in {time.monotonic() - w.started_at:.3f}s"
                     for w in workers]
         log.info("%s #%d done: generation %d READY", kind, self.reloads, self.generation)
@@ -521,17 +516,20 @@ class Master:
                 self.send_signal(worker, signal.SIGTERM,
                                  f"lived through more than max_reloads={limit} reloads")
 
-    def soft_stop_previous_generation(self, previous: list[Worker], hard: bool) -> None:
+    def soft_stop_previous_generation(self, hard: bool) -> None:
         """Pass 2: tell the generation this reload replaced to finish and leave.
 
+        That is every older worker not signalled yet: the previous generation,
+        including a replacement started while this reload was running (a
+        snapshot taken before would miss it and leave it serving forever).
         A worker already signalled — in pass 1 just now, or in an earlier
         reload — is left alone: one signal per worker per reload, never the
         same signal twice (HAProxy once sent SIGTERM then SIGUSR1 to the same
         worker with max_reloads 1).
         """
         sig = signal.SIGTERM if hard else signal.SIGUSR1
-        for worker in previous:
-            if worker not in self.processes:
+        for worker in self.processes:
+            if worker.generation >= self.generation:
                 continue
             worker.state = WorkerState.LEAVING
             if not worker.signals_sent:
