@@ -121,6 +121,7 @@ class ServerState:
         if state != self.admin:
             self.admin = state
             self.last_change = time.time()
+            self.backend.changed()
             if state != "ready":
                 self.close_idle()
             else:
@@ -132,6 +133,7 @@ class ServerState:
         now = time.time()
         self.up = up
         self.last_change = now
+        self.backend.changed()
         if up:
             if self.down_since is not None:
                 self.counters.downtime += int(now - self.down_since)
@@ -146,6 +148,7 @@ class ServerState:
         self.weight = weight
         self.weight_set_at_runtime = runtime
         self.current_weight = 0
+        self.backend.changed()
         if weight > 0:
             self.backend.wake()
 
@@ -172,6 +175,8 @@ class BackendState:
         self.cur = 0
         self.queue: deque[Any] = deque()   # sessions waiting for a free server slot
         self._rotate = 0
+        self._candidates: list[ServerState] | None = None
+        self.limited = False
         self.last_change = time.time()
         pick = getattr(self, f"_pick_{config.balance}")
         self._pick: Callable[[list[ServerState], bytes], ServerState] = pick
@@ -179,11 +184,23 @@ class BackendState:
     # --- choosing ------------------------------------------------------------
 
     def candidates(self) -> list[ServerState]:
-        """Servers that may take new traffic: the active ones, else the backups."""
-        active = [s for s in self.servers if not s.backup and s.usable]
-        if active:
-            return active
-        return [s for s in self.servers if s.backup and s.usable]
+        """Servers that may take new traffic: the active ones, else the backups.
+
+        Cached: it changes only when a server's admin state, health or weight
+        does (``changed()``), not per request.
+        """
+        cached = self._candidates
+        if cached is None:
+            cached = [s for s in self.servers if not s.backup and s.usable]
+            if not cached:
+                cached = [s for s in self.servers if s.backup and s.usable]
+            self._candidates = cached
+            self.limited = any(s.maxconn for s in cached)
+        return cached
+
+    def changed(self) -> None:
+        self._candidates = None
+        self.last_change = time.time()
 
     @property
     def is_up(self) -> bool:
@@ -198,8 +215,7 @@ class BackendState:
         candidates = self.candidates()
         if not candidates:
             return NO_SERVER
-        free = [s for s in candidates if not s.full] if any(s.maxconn for s in candidates) \
-            else candidates
+        free = [s for s in candidates if not s.full] if self.limited else candidates
         if not free or self.queue:
             session.client_key = client_key
             self.queue.append(session)

@@ -226,7 +226,7 @@ class Worker:
         self.cur_conns -= 1
         self._unpark()
         if self.stopping and not self.sessions:
-            self._finish_stop()
+            self._finish_stop_when_idle()
 
     def _unpark(self) -> None:
         for fe in self.frontends:
@@ -283,8 +283,7 @@ class Worker:
         for fe in self.frontends:
             for session in list(fe.parked):
                 session.abort()
-        if not self.sessions:
-            self._finish_stop()
+        self._finish_stop_when_idle()
 
     def hard_stop(self, reason: str = "stop") -> None:
         log.info("%s: closing %d connection(s) now", reason, len(self.sessions))
@@ -302,6 +301,17 @@ class Worker:
                 listener.close()
         if self.stats_listener is not None:
             self.stats_listener.close()
+
+    def _finish_stop_when_idle(self) -> None:
+        # A connection accepted in the same loop pass as the signal has its
+        # connection_made still queued: it is not in self.sessions yet. Decide
+        # after the queued callbacks ran (the listeners are closed, so no
+        # new ones come), or that client gets a closed socket and no answer.
+        self.loop.call_soon(self._finish_if_idle)
+
+    def _finish_if_idle(self) -> None:
+        if not self.sessions:
+            self._finish_stop()
 
     def _finish_stop(self) -> None:
         if not self.exit_future.done():

@@ -53,6 +53,7 @@ MAX_IDLE_PER_SERVER = 256
 
 # Headers that concern one hop only (RFC 9110 7.6.1) and are never forwarded;
 # the proxy writes its own framing and connection management.
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))
 # A Connection header cannot make these disappear: they frame or route the request.
 _NEVER_HOP = frozenset((b"host", b"content-length", b"close", b"keep-alive", b"upgrade"))
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -77,52 +78,50 @@ R_UPGRADE = 16    # upgrade asked: wait for the server's 101 before reading more
 
 
 class Request:
-    """One request on a client connection, from its first byte to its last."""
+    """One request on a client connection, from its first byte to its last.
 
-    __slots__ = ("url", "headers", "head_size", "method", "version", "keep_alive", "chunked",
-                 "has_body", "complete", "pending", "pending_size", "streaming", "upgrade",
-                 "backend", "server", "conn", "retries", "status", "bytes_in", "bytes_out",
-                 "t_start", "t_head", "t_queue", "t_connect", "t_response", "host",
-                 "resp_started", "resp_chunked", "resp_close", "resp_nobody", "client_ka",
-                 "headers_done", "leftover", "term", "server_last", "body_size")
+    Immutable defaults live on the class: creating a request (once per
+    request, on the hot path) sets only what must be per instance.
+    """
+
+    url = b""
+    head_size = 0
+    method = b""
+    version = "1.1"
+    keep_alive = True
+    chunked = False
+    has_body = False
+    complete = False
+    headers_done = False
+    pending_size = 0
+    streaming = False
+    upgrade = False
+    backend: BackendState | None = None
+    server: ServerState | None = None
+    server_last: ServerState | None = None
+    conn: "HttpServer | None" = None
+    retries = 0
+    status = 0
+    bytes_in = 0
+    bytes_out = 0
+    body_size = 0
+    t_head = -1.0
+    t_queue = -1.0
+    t_connect = -1.0
+    t_response = -1.0
+    host = b""
+    resp_started = False
+    resp_chunked = False
+    resp_close = False
+    resp_nobody = False
+    client_ka = True
+    leftover = b""
+    term = "--"
 
     def __init__(self, now: float):
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
-        self.method = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.chunked = False
-        self.has_body = False
-        self.complete = False
-        self.headers_done = False
-        self.pending: list[bytes] = []
-        self.pending_size = 0
-        self.streaming = False
-        self.upgrade = False
-        self.backend: BackendState | None = None
-        self.server: ServerState | None = None
-        self.conn: HttpServer | None = None
-        self.retries = 0
-        self.status = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.t_start = now
-        self.t_head = -1.0
-        self.t_queue = -1.0
-        self.t_connect = -1.0
-        self.t_response = -1.0
-        self.host = b""
-        self.resp_started = False
-        self.resp_chunked = False
-        self.resp_close = False
-        self.resp_nobody = False
-        self.client_ka = True
-        self.leftover = b""
-        self.term = "--"
-        self.server_last: ServerState | None = None
-        self.body_size = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.pending: list[bytes] = []
 
 
 class _ParseStop(Exception):
@@ -260,11 +259,11 @@ class HttpClient(asyncio.Protocol):
             if self.srv.transport.can_write_eof():
                 self.srv.transport.write_eof()
             return True
-        if self.reqs and self.reqs[0].headers_done and self.reqs[0].status == 0:
-            req = self.reqs[0]
-            if req.complete:
+        if self.reqs and self.reqs[0].complete:
+            # Requests fully received are answered; nothing more can come.
+            for req in self.reqs:
                 req.client_ka = False
-                return True
+            return True
         return False
 
     # --- reading the client ---------------------------------------------------
@@ -530,7 +529,8 @@ class HttpClient(asyncio.Protocol):
             lname = name.lower()
             if lname in HOP_BY_HOP:
                 if lname == b"connection":
-                    extra_hop += tuple(t.strip().lower() for t in value.split(b","))
+                    if value.lower() not in _PLAIN_CONNECTION:
+                        extra_hop += tuple(t.strip().lower() for t in value.split(b","))
                 elif lname == b"transfer-encoding":
                     chunked = True
                 elif lname == b"upgrade":
@@ -605,7 +605,8 @@ class HttpClient(asyncio.Protocol):
                 if lname == b"transfer-encoding":
                     chunked = True
                 elif lname == b"connection":
-                    extra_hop += tuple(t.strip().lower() for t in value.split(b","))
+                    if value.lower() not in _PLAIN_CONNECTION:
+                        extra_hop += tuple(t.strip().lower() for t in value.split(b","))
                 elif lname == b"upgrade":
                     upgrade = value
                 continue

@@ -201,3 +201,4 @@ def apply_state(worker: "Worker", state: Any) -> None:
                 server.check_status = str(item.get("check_status") or "")
             if isinstance(item.get("last_change"), (int, float)):
                 server.last_change = float(item["last_change"])
+        backend.changed()

@@ -4,11 +4,15 @@ keep-alive, show info, soft stop and stop."""
 from __future__ import annotations
 
 import http.client
+import os
+import pwd
 import signal
 import socket
 import time
 
-from conftest import http_config, http_get, origin_of
+import pytest
+
+from conftest import http_config, http_get, origin_of, raw_exchange
 
 
 def test_ready_then_round_robin(backend, bind, run_worker):
@@ -129,3 +133,29 @@ def test_bad_config_exits_nonzero(bind, run_worker):
     worker = run_worker("frontends: [", ready=False)
     assert worker.wait_exit(10) != 0
     assert "test.yaml:" in worker.log
+
+
+def test_drops_privileges_when_root(backend, bind, run_worker):
+    if os.getuid() != 0:
+        pytest.skip("needs root")
+    a = backend("alpha")
+    front = bind("web")
+    config = http_config(front, [("a", a.address)],
+                         extra_global="  user: nobody\n  group: nogroup")
+    worker = run_worker(config)
+    with open(f"/proc/{worker.proc.pid}/status") as handle:
+        status = dict(line.split(":", 1) for line in handle)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert status["Uid"].split()[0] == str(nobody)
+    assert status["Uid"].split()[1] == str(nobody)
+    assert status["Groups"].split() == [status["Gid"].split()[0]]
+    assert http_get(front)[0] == 200
+
+
+def test_client_half_close_still_gets_whole_response(backend, bind, run_worker):
+    a = backend("alpha")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)]))
+    answer = raw_exchange(front, b"GET /big/3000000 HTTP/1.1\r\nHost: x\r\n\r\n", shut=True)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == 3000000
