@@ -343,6 +343,20 @@ def parse_wrk(text: str) -> tuple[float, float, int, str]:
     return rps, bps, non2xx, (m.group(1).strip() if m else "")
 
 
+def foreign_now(window: float) -> float:
+    """CPU (in cores) used by processes not ours during the next ``window`` seconds."""
+    all0, ours0, t0 = cpu_split()[0], ours_cpu(OURS), time.monotonic()
+    time.sleep(window)
+    return max(0.0, (cpu_split()[0] - all0) - (ours_cpu(OURS) - ours0)) / (time.monotonic() - t0)
+
+
+def wait_quiet(limit: float, patience: float) -> None:
+    """Wait (at most ``patience`` s) for a half-second in which others use < ``limit`` core."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline and foreign_now(0.5) > limit:
+        pass
+
+
 OURS: list[int] = []               # pids whose CPU is ours (nginx, both proxies, masters)
 
 
@@ -434,6 +448,9 @@ def main() -> int:
     ap.add_argument("--max-foreign", type=float, default=0.10,
                     help="a run during which processes not ours used more than this many cores "
                     "is run again (0.10)")
+    ap.add_argument("--quiet-wait", type=float, default=15.0,
+                    help="before each run, wait up to this many seconds for the other processes "
+                    "to be quiet (15)")
     ap.add_argument("--retries", type=int, default=2, help="how many times at most (2)")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     ap.add_argument("--keep", action="store_true",
@@ -527,6 +544,7 @@ def main() -> int:
                 # again; the least disturbed attempt is kept (and its "others" reported).
                 attempts: list[Run] = []
                 for attempt in range(1 + args.retries):
+                    wait_quiet(args.max_foreign / 2, args.quiet_wait)
                     attempts.append(wrk(sc, tport if sc.tcp else hport, args.duration,
                                         args.load_cpu, pid))
                     r = attempts[-1]
