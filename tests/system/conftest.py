@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -30,6 +31,7 @@ import pytest
 
 from .helpers import REPO, SYSTEM_PATH, UPGRADE_VERSION, Container, DebPackages, run
 
+PR_SET_PDEATHSIG = 1
 SUITE = "bookworm"
 MIRROR = os.environ.get("HAPYMASTER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CACHE_DIR = Path(os.environ.get("HAPYMASTER_TEST_CACHE", "/var/cache/hapymaster-tests"))
@@ -245,6 +247,9 @@ def container(rootfs_tar: Path, deb_packages: DebPackages, tmp_path_factory):
     def enter_cgroups() -> None:
         for cg in cgroups:
             (cg / "cgroup.procs").write_text(str(os.getpid()))
+        # Should pytest itself be killed, nspawn gets SIGTERM and powers the
+        # container off instead of leaving it running.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
     log = base / "nspawn.log"
     with open(log, "wb") as out:
