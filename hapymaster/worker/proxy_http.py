@@ -48,6 +48,9 @@ MAX_HEADERS = 100
 # Body bytes held for a request whose server connection is not there yet
 # (connecting, queued, pipelined): beyond this, stop reading the client.
 MAX_PENDING = 262144
+# Up to this much of a request body still on its way after the server's
+# answer is read and dropped to keep the client connection; more: close.
+MAX_DRAIN = 16 << 20
 WRITE_HIGH = 262144
 MAX_IDLE_PER_SERVER = 256
 
@@ -68,6 +71,7 @@ P_BODY = 5        # request body still arriving: timeout.client (inactivity) -> 
 P_WAIT = 6        # request sent, response expected/streaming: timeout.server -> 504
 P_TUNNEL = 7      # Upgrade tunnel: timeout.tunnel (inactivity) -> close
 P_PARKED = 8      # accepted beyond maxconn, waiting for a slot
+P_DRAIN = 9       # answered before its body ended: dropping the rest, timeout.client -> close
 
 # Pause reasons for the client's reading (bit flags, reading resumes when none is left).
 R_PIPE = 1        # a pipelined request waits behind the current one
@@ -105,6 +109,7 @@ class Request:
     bytes_in = 0
     bytes_out = 0
     body_size = 0
+    body_left = -2        # bytes of a Content-Length body still to come; -2: not looked yet
     t_head = -1.0
     t_queue = -1.0
     t_connect = -1.0
@@ -114,6 +119,7 @@ class Request:
     resp_chunked = False
     resp_close = False
     resp_nobody = False
+    resp_length = -1      # the response's Content-Length when its body is delimited by it
     client_ka = True
     leftover = b""
     term = "--"
@@ -122,6 +128,18 @@ class Request:
         self.t_start = now
         self.headers: list[tuple[bytes, bytes]] = []
         self.pending: list[bytes] = []
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """The body length a request head announces; -1 when it is chunked or not said."""
+    length = -1
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"transfer-encoding":
+            return -1
+        if lname == b"content-length":
+            length = int(value)
+    return length
 
 
 class _ParseStop(Exception):
@@ -159,6 +177,7 @@ class HttpClient(asyncio.Protocol):
         # (head + body + end in one send instead of three); None: write now.
         self.out: list[bytes] | None = None
         self.forwarding: bytes | None = None
+        self.raw_body = False   # the rest of self.req's body bypasses the parser
 
     # --- connection life ------------------------------------------------------
 
@@ -270,6 +289,9 @@ class HttpClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.t_io = self.w.clock()
+        if self.raw_body:
+            self._pass_body(data)
+            return
         if self.tunnel:
             req = self.reqs[0]
             req.bytes_in += len(data)
@@ -287,6 +309,31 @@ class HttpClient(asyncio.Protocol):
                 self._bad_request(cause.code)
             else:
                 self._bad_request(400)
+        else:
+            req = self.req
+            if req is not None and req.body_left > 0 and not req.upgrade:
+                # The rest of this body is only bytes to count: take them as
+                # they come, without copying them through the parser again.
+                self.raw_body = True
+
+    def _pass_body(self, data: bytes) -> None:
+        req = self.req
+        left = req.body_left
+        rest = b""
+        if len(data) > left:
+            data, rest = data[:left], data[left:]
+        try:
+            self.on_body(data)
+        except _ParseStop as exc:
+            self._bad_request(exc.code)
+            return
+        if req.body_left == 0:
+            self.raw_body = False
+            # The old parser stopped in the middle of this body.
+            self.parser = httptools.HttpRequestParser(self)
+            self.on_message_complete()
+            if rest and not self.closed:
+                self.data_received(rest)   # a pipelined request
 
     def on_message_begin(self) -> None:
         req = Request(self.w.clock())
@@ -336,20 +383,27 @@ class HttpClient(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         req = self.req
-        req.bytes_in += len(body)
+        size = len(body)
+        left = req.body_left
+        if left == -2:
+            left = _content_length(req.headers)
+        req.body_left = left - size if left >= 0 else -1
+        req.bytes_in += size
         if self.fe.max_body_size:
-            req.body_size += len(body)
+            req.body_size += size
             if req.body_size > self.fe.max_body_size:
                 raise _ParseStop(413)
         if req.streaming:
             conn = req.conn
+            if conn is None:
+                return      # draining: the server has answered already
             if req.chunked:
                 conn.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
             else:
                 conn.transport.write(body)
         else:
             req.pending.append(body)
-            req.pending_size += len(body)
+            req.pending_size += size
             if req.pending_size > MAX_PENDING:
                 self._pause(R_PENDING)
 
@@ -357,7 +411,9 @@ class HttpClient(asyncio.Protocol):
         req = self.req
         self.req = None
         req.complete = True
-        if req.streaming:
+        if self.phase == P_DRAIN:
+            self._next_request()
+        elif req.streaming:
             if req.chunked:
                 req.conn.transport.write(b"0\r\n\r\n")
             if self.phase == P_BODY:
@@ -612,6 +668,7 @@ class HttpClient(asyncio.Protocol):
                 continue
             if lname == b"content-length":
                 has_length = True
+                length = value
             lines += (name, b": ", value, b"\r\n")
         if extra_hop:
             kept = [lines[0]]
@@ -635,6 +692,8 @@ class HttpClient(asyncio.Protocol):
         req.resp_chunked = False
         if nobody:
             pass
+        elif has_length and not chunked:
+            req.resp_length = int(length)
         elif chunked:
             if req.version == "1.1":
                 lines.append(b"Transfer-Encoding: chunked\r\n")
@@ -702,8 +761,11 @@ class HttpClient(asyncio.Protocol):
         self._finish_log(req)
         self.reqs.popleft()
         self.requests_served += 1
-        if not req.client_ka or not req.complete:
+        if not req.client_ka:
             self.close()
+            return
+        if not req.complete:
+            self._drain(req)
             return
         if req.upgrade:
             # An Upgrade the server declined: httptools stopped at its head,
@@ -716,6 +778,22 @@ class HttpClient(asyncio.Protocol):
             if leftover:
                 self.data_received(leftover)
             return
+        self._next_request()
+
+    def _drain(self, req: Request) -> None:
+        """The server answered before the request body ended (RFC 9112 9.3 allows
+        it): read the rest and drop it, so that the client, still sending,
+        is not cut off and keeps its connection, as with HAProxy."""
+        if not 0 < req.body_left <= MAX_DRAIN or req.upgrade:
+            self.close()
+            return
+        req.conn = None
+        req.streaming = True
+        self.phase = P_DRAIN
+        self._resume(R_PENDING | R_SERVER)
+
+    def _next_request(self) -> None:
+        """The connection is free: serve a pipelined request or wait for one."""
         if self.reqs:
             nxt = self.reqs[0]
             if nxt.headers_done:
@@ -940,6 +1018,10 @@ class HttpClient(asyncio.Protocol):
             if now - self.t_io >= self._tunnel_timeout():
                 self.close()
             return
+        if phase == P_DRAIN:
+            if now - self.t_io >= self.fe.timeout.client:
+                self.close()
+            return
         if phase == P_PARKED or now < self.deadline:
             return
         if phase == P_HEAD:
@@ -1004,6 +1086,10 @@ class HttpServer(asyncio.Protocol):
         self.fresh_parser = False
         self.in_head = True
         self.closed = False
+        # Bytes of a Content-Length body still to come (-1: none known) and
+        # whether they are passed to the client without the parser.
+        self.body_left = -1
+        self.raw_body = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -1018,6 +1104,7 @@ class HttpServer(asyncio.Protocol):
         self.headers = []
         self.reason = b""
         self.in_head = True
+        self.body_left = -1
 
     def make_idle(self, server: ServerState) -> None:
         if self.closed or len(server.idle) >= MAX_IDLE_PER_SERVER or not server.usable:
@@ -1040,6 +1127,9 @@ class HttpServer(asyncio.Protocol):
             return
         self.got_data = True
         client.t_io = self.w.clock()
+        if self.raw_body:
+            self._pass_body(client, data)
+            return
         if self.tunnel:
             self.req.bytes_out += len(data)
             client.transport.write(data)
@@ -1065,6 +1155,30 @@ class HttpServer(asyncio.Protocol):
                 transport = client.transport
                 if not transport.is_closing():
                     transport.writelines(out)
+        if self.body_left > 0 and self.client is not None:
+            # The rest of this body is only bytes to count: hand them over
+            # as they come, without copying them through the parser again.
+            self.raw_body = True
+
+    def _pass_body(self, client: HttpClient, data: bytes) -> None:
+        left = self.body_left
+        size = len(data)
+        req = self.req
+        if size < left:
+            self.body_left = left - size
+            req.bytes_out += size
+            client.transport.write(data)
+            return
+        if size > left:
+            # More than the response: the server is confused; do not reuse it.
+            data = data[:left]
+            self.keep_alive = False
+        req.bytes_out += left
+        client.transport.write(data)
+        self.raw_body = False
+        self.body_left = -1
+        self.fresh_parser = True   # the old one stopped in the middle of this body
+        client.response_done(self)
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -1084,8 +1198,12 @@ class HttpServer(asyncio.Protocol):
         self.in_head = False
         self.keep_alive = self.parser.should_keep_alive()
         client.response_head(self, status)
+        req = self.req
+        if req is not None:
+            self.body_left = req.resp_length
 
     def on_body(self, body: bytes) -> None:
+        self.body_left -= len(body)
         client = self.client
         if client is not None and self.req is not None:
             client.response_body(self, body)
@@ -1093,6 +1211,7 @@ class HttpServer(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.in_head:
             return  # the end of an interim (1xx) response
+        self.body_left = -1
         client = self.client
         if client is not None and self.req is not None and self.req.status != 101:
             client.response_done(self)

@@ -75,6 +75,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/status/"):
             self._send(int(path.split("/")[2]), f"{origin.name}\n".encode())
             return
+        if path == "/early":
+            # Answers before reading the body, then reads and drops it, as
+            # nginx's `return 200` does.
+            self._send(200, f"early {origin.name}\n".encode())
         body_hash = hashlib.sha256()
         received = 0
         length = self.headers.get("Content-Length")
@@ -98,6 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body_hash.update(data)
                 received += len(data)
                 left -= len(data)
+        if path == "/early":
+            return
         if path.startswith("/big/"):
             size = int(path.split("/")[2])
             self.send_response(200)

@@ -201,3 +201,50 @@ def test_websocket_upgrade_tunnel(bind, run_worker):
         sock.sendall(b"ping over the tunnel")
         assert f.read(20) == b"PING OVER THE TUNNEL"
     listener.close()
+
+
+def test_answer_before_the_body_ends_keeps_the_client_connection(backend, bind, run_worker):
+    # A server may answer before the request body is all there (nginx's
+    # "return 200" does); the client still sending must not be cut off, and
+    # its connection must serve its next request.
+    a = backend("a")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)]))
+    size = 4 * 1024 * 1024
+    piece = pattern_bytes(65536)
+    with connect(front, timeout=10) as sock:
+        f = sock.makefile("rb")
+        sock.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        sock.sendall(piece)
+        status, _, body = read_response(f)
+        assert status == 200 and body == b"early a\n"
+        for _ in range(size // len(piece) - 1):
+            sock.sendall(piece)
+        sock.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = read_response(f)
+        assert status == 200 and json.loads(body)["path"] == "/after"
+
+
+def test_large_bodies_back_to_back_on_one_connection(backend, bind, run_worker):
+    # Large bodies pass without the parser; the exchange that follows on the
+    # same client and server connections must start exactly where they end.
+    a = backend("a")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)]))
+    upload = pattern_bytes(300_000)
+    with connect(front, timeout=10) as sock:
+        f = sock.makefile("rb")
+        for _ in range(3):
+            sock.sendall(b"GET /big/1000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body = read_response(f)
+            assert status == 200 and body == pattern_bytes(1_000_000)
+        # The end of the body and the next request in the same read.
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(upload)
+                     + upload + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = read_response(f)
+        info = json.loads(body)
+        assert status == 200 and info["received"] == len(upload)
+        assert info["sha256"] == hashlib.sha256(upload).hexdigest()
+        status, _, body = read_response(f)
+        assert status == 200 and json.loads(body)["path"] == "/next"
+    assert len(a.connections) == 1
