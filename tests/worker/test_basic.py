@@ -4,6 +4,7 @@ keep-alive, show info, soft stop and stop."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import pwd
 import signal
@@ -41,7 +42,6 @@ def test_keep_alive_both_sides_reuses_server_connection(backend, bind, run_worke
 
 
 def test_forwarded_headers(backend, bind, run_worker):
-    import json
     a = backend("alpha")
     front = bind("web")
     run_worker(http_config(front, [("a", a.address)]))
@@ -63,7 +63,7 @@ def test_tcp_relay_round_robin(tcp_backend, bind, run_worker):
     run_worker(config)
     greetings = []
     for _ in range(4):
-        with socket.create_connection(front.rsplit(":", 1) and ("127.0.0.1", int(front.rsplit(":", 1)[1])),
+        with socket.create_connection(("127.0.0.1", int(front.rsplit(":", 1)[1])),
                                       timeout=5) as sock:
             f = sock.makefile("rb")
             greetings.append(f.readline().decode().strip())

@@ -67,7 +67,7 @@ def test_all_down_http_503_at_once(backend, bind, run_worker):
     wait_for(lambda: server_status(worker, "a") == "DOWN")
     started = time.monotonic()
     status, headers, body = http_get(front)
-    assert status == 503 and time.monotonic() - started < 0.5
+    assert status == 503 and time.monotonic() - started < 2.0  # not waiting for the 5 s queue or connect timeout
     assert b"503 Service Unavailable" in body and headers.get("connection") == "close"
     assert "backend app has no server available" in worker.log
 
@@ -81,7 +81,7 @@ def test_all_down_tcp_closes_at_once(tcp_backend, bind, run_worker):
     with socket.create_connection((host, int(port)), timeout=2) as sock:
         started = time.monotonic()
         assert sock.recv(100) == b""
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 2.0  # not waiting for the 5 s queue or connect timeout
 
 
 def test_connect_failure_redispatches(backend, bind, run_worker):

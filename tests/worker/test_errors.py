@@ -99,7 +99,7 @@ def test_server_timeout_504(backend, bind, run_worker):
     started = time.monotonic()
     status, _, body = http_get(front)
     assert status == 504 and b"didn't respond in time" in body
-    assert 0.25 < time.monotonic() - started < 1.2
+    assert 0.25 < time.monotonic() - started < 3.0  # well under any default timeout
 
 
 def test_slowloris_http_request_timeout_408(backend, bind, run_worker):
@@ -114,7 +114,7 @@ def test_slowloris_http_request_timeout_408(backend, bind, run_worker):
             sock.sendall(b"X-Slow: 1\r\n")  # trickling headers does not extend the deadline
         answer = sock.recv(1000)
         assert answer.startswith(b"HTTP/1.1 408 ")
-        assert 0.25 < time.monotonic() - started < 1.0
+        assert 0.25 < time.monotonic() - started < 3.0  # well under any default timeout
     assert a.requests == []
 
 
@@ -128,7 +128,7 @@ def test_keep_alive_idle_timeout_closes(backend, bind, run_worker):
         assert read_response(f)[0] == 200
         started = time.monotonic()
         assert f.read() == b""  # closed silently
-        assert 0.25 < time.monotonic() - started < 1.0
+        assert 0.25 < time.monotonic() - started < 3.0  # well under any default timeout
 
 
 def test_client_timeout_during_body_408(backend, bind, run_worker):
@@ -140,7 +140,7 @@ def test_client_timeout_during_body_408(backend, bind, run_worker):
         started = time.monotonic()
         answer = sock.recv(1000)
         assert answer.startswith(b"HTTP/1.1 408 ")
-        assert 0.25 < time.monotonic() - started < 1.0
+        assert 0.25 < time.monotonic() - started < 3.0  # well under any default timeout
 
 
 def test_connect_timeout_503(bind, run_worker):
@@ -192,7 +192,7 @@ def test_tunnel_timeout(bind, run_worker):
         while f.readline() not in (b"\r\n", b""):
             pass
         assert f.read() == b""
-        assert 0.25 < time.monotonic() - started < 1.5
+        assert 0.25 < time.monotonic() - started < 3.0  # well under any default timeout
     listener.close()
 
 
@@ -206,4 +206,4 @@ def test_tcp_idle_timeout(tcp_backend, bind, run_worker):
         assert f.readline() == b"hello from a\n"
         started = time.monotonic()
         assert f.read() == b""
-        assert 0.25 < time.monotonic() - started < 1.2
+        assert 0.25 < time.monotonic() - started < 3.0  # well under any default timeout

@@ -130,16 +130,15 @@ def test_state_carried_to_next_generation(backend, bind, run_worker):
     assert {origin_of(http_get(front)[2]) for _ in range(3)} == {"b"}
 
 
-def test_frontend_maxconn_stops_accepting_without_dropping(backend, bind, run_worker):
-    a = backend("a")
-    front = bind("web")
-    run_worker(http_config(front, [("a", a.address)], extra_frontend="    maxconn: 1"))
+def second_waits_for_first(front: str, path: bytes) -> socket.socket:
+    """With room for one connection: a second one is not served while the first
+    stays open, and is served once it closes. Returns the second, answer pending."""
     first = connect(front)
     f1 = first.makefile("rb")
     first.sendall(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(f1)[0] == 200
     second = connect(front)  # the kernel completes it; the worker does not serve it yet
-    second.sendall(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    second.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
     second.settimeout(0.4)
     try:
         data = second.recv(100)
@@ -149,6 +148,14 @@ def test_frontend_maxconn_stops_accepting_without_dropping(backend, bind, run_wo
     f1.close()  # a makefile keeps the socket open otherwise
     first.close()
     second.settimeout(5)
+    return second
+
+
+def test_frontend_maxconn_stops_accepting_without_dropping(backend, bind, run_worker):
+    a = backend("a")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)], extra_frontend="    maxconn: 1"))
+    second = second_waits_for_first(front, b"/2")
     status, _, body = read_response(second.makefile("rb"))
     assert status == 200 and json.loads(body)["path"] == "/2"
     second.close()
@@ -158,21 +165,7 @@ def test_global_maxconn(backend, bind, run_worker):
     a = backend("a")
     front = bind("web")
     run_worker(http_config(front, [("a", a.address)], extra_global="  maxconn: 1"))
-    first = connect(front)
-    first.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    f1 = first.makefile("rb")
-    assert read_response(f1)[0] == 200
-    second = connect(front)
-    second.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    second.settimeout(0.4)
-    try:
-        data = second.recv(100)
-    except socket.timeout:
-        data = None
-    assert data is None
-    f1.close()
-    first.close()
-    second.settimeout(5)
+    second = second_waits_for_first(front, b"/")
     assert read_response(second.makefile("rb"))[0] == 200
     second.close()
 
