@@ -33,7 +33,21 @@ from .helpers import REPO, SYSTEM_PATH, UPGRADE_VERSION, Container, DebPackages,
 
 PR_SET_PDEATHSIG = 1
 SUITE = "bookworm"
-MIRROR = os.environ.get("HAPYMASTER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+
+def _host_mirror(sources: str = "/etc/apt/sources.list.d/debian.sources") -> str:
+    """The Debian mirror this machine's apt uses (the one it is allowed to reach)."""
+    try:
+        with open(sources) as handle:
+            for line in handle:
+                if line.startswith("URIs:") and line.split()[1:]:
+                    return line.split()[1]
+    except OSError:
+        pass
+    return "http://deb.debian.org/debian"
+
+
+MIRROR = os.environ.get("HAPYMASTER_DEBIAN_MIRROR") or _host_mirror()
 CACHE_DIR = Path(os.environ.get("HAPYMASTER_TEST_CACHE", "/var/cache/hapymaster-tests"))
 # Pre-installed so that installing the .deb needs no network: systemd as PID 1,
 # and hapymaster's runtime dependencies from the distribution.
