@@ -61,6 +61,10 @@ _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"upgrade"))
 _NEVER_HOP = frozenset((b"host", b"content-length", b"close", b"keep-alive", b"upgrade"))
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"proxy-authenticate"))
+# Response headers response_head() must look at: the hop-by-hop ones and the
+# framing. HttpServer.on_header sets them aside as they are parsed, so that
+# the usual five or six headers are lowered and classified once.
+_RESPONSE_SPECIAL = HOP_BY_HOP | {b"content-length"}
 
 # Client connection phases (what the sweeper checks).
 P_HEAD = 1        # waiting for a complete request head: timeout.http_request -> 408
@@ -124,10 +128,13 @@ class Request:
     leftover = b""
     term = "--"
 
+    # Body chunks held until the server connection is ready: a tuple (never
+    # appended to) until on_body needs a list; most requests have no body.
+    pending: "list[bytes] | tuple[()]" = ()
+
     def __init__(self, now: float):
         self.t_start = now
         self.headers: list[tuple[bytes, bytes]] = []
-        self.pending: list[bytes] = []
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
@@ -335,15 +342,20 @@ class HttpClient(asyncio.Protocol):
             if rest and not self.closed:
                 self.data_received(rest)   # a pipelined request
 
+    # The parser callbacks run inside data_received, which has just read the
+    # clock into t_io: they take the time from there instead of again.
+
     def on_message_begin(self) -> None:
-        req = Request(self.w.clock())
-        self.reqs.append(req)
+        now = self.t_io
+        req = Request(now)
+        reqs = self.reqs
+        reqs.append(req)
         self.req = req
-        if len(self.reqs) > 1:
+        if len(reqs) > 1:
             self._pause(R_PIPE)
         elif self.phase == P_IDLE:
             self.phase = P_HEAD
-            self.deadline = self.w.clock() + self.fe.timeout.http_request
+            self.deadline = now + self.fe.timeout.http_request
 
     def on_url(self, url: bytes) -> None:
         req = self.req
@@ -364,13 +376,16 @@ class HttpClient(asyncio.Protocol):
         req = self.req
         parser = self.parser
         req.headers_done = True
-        req.t_head = self.w.clock()
+        req.t_head = self.t_io
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         if req.version not in ("1.1", "1.0"):
             raise _ParseStop(400)
-        req.keep_alive = parser.should_keep_alive()
-        req.upgrade = parser.should_upgrade()
+        # keep_alive and upgrade default to True and False on the class.
+        if not parser.should_keep_alive():
+            req.keep_alive = False
+        if parser.should_upgrade():
+            req.upgrade = True
         if req.method == b"CONNECT":
             raise _ParseStop(405)
         limit = self.fe.max_body_size
@@ -402,7 +417,10 @@ class HttpClient(asyncio.Protocol):
             else:
                 conn.transport.write(body)
         else:
-            req.pending.append(body)
+            if req.pending:
+                req.pending.append(body)
+            else:
+                req.pending = [body]
             req.pending_size += size
             if req.pending_size > MAX_PENDING:
                 self._pause(R_PENDING)
@@ -482,15 +500,16 @@ class HttpClient(asyncio.Protocol):
 
     def _use_server(self, req: Request, server: ServerState) -> None:
         req.server = server
+        now = self.w.clock()
         if req.t_queue < 0:
-            req.t_queue = self.w.clock()
+            req.t_queue = now
         idle = server.idle
         while idle:
             conn = idle.pop()
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
-                req.t_connect = self.w.clock()
-                self._attach(req, conn)
+                req.t_connect = now
+                self._attach(req, conn, now)
                 return
         self._connect(req, server)
 
@@ -514,8 +533,8 @@ class HttpClient(asyncio.Protocol):
         if self.closed or not self.reqs or self.reqs[0] is not req:
             conn.close()
             return
-        req.t_connect = self.w.clock()
-        self._attach(req, conn)
+        now = req.t_connect = self.w.clock()
+        self._attach(req, conn, now)
 
     def _connect_failed(self, req: Request, why: str) -> None:
         server = req.server
@@ -533,7 +552,7 @@ class HttpClient(asyncio.Protocol):
         req.term = "SC"
         self._error(req, 503)
 
-    def _attach(self, req: Request, conn: "HttpServer") -> None:
+    def _attach(self, req: Request, conn: "HttpServer", now: float) -> None:
         """Send the request head (and any held body) on ``conn``."""
         self.srv = conn
         req.conn = conn
@@ -554,7 +573,7 @@ class HttpClient(asyncio.Protocol):
                 transport.writelines(parts)
             else:
                 transport.writelines([head, *req.pending])
-            req.pending = []
+            req.pending = ()
             req.pending_size = 0
             self._resume(R_PENDING)
         else:
@@ -562,7 +581,7 @@ class HttpClient(asyncio.Protocol):
                 head += b"0\r\n\r\n"
             transport.write(head)
         req.streaming = True
-        self.t_io = self.w.clock()
+        self.t_io = now
         if req.complete:
             self.phase = P_WAIT
         else:
@@ -575,7 +594,6 @@ class HttpClient(asyncio.Protocol):
         framing is restated, X-Forwarded-For / X-Forwarded-Proto / Forwarded
         are added. The server side always speaks HTTP/1.1 with keep-alive.
         """
-        fe = self.fe
         lines = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
         extra_hop: tuple[bytes, ...] = ()
         upgrade_value = b""
@@ -597,7 +615,8 @@ class HttpClient(asyncio.Protocol):
             elif lname == b"host":
                 req.host = value
             lines += (name, b": ", value, b"\r\n")
-        extra_hop = tuple(t for t in extra_hop if t not in _NEVER_HOP)
+        if extra_hop:
+            extra_hop = tuple(t for t in extra_hop if t not in _NEVER_HOP)
         if extra_hop:
             # Drop what the client's Connection header declared hop-by-hop.
             kept = [req.method, b" ", req.url, b" HTTP/1.1\r\n"]
@@ -607,10 +626,11 @@ class HttpClient(asyncio.Protocol):
                     continue
                 kept += (name, b": ", value, b"\r\n")
             lines = kept
-        req.chunked = chunked
-        req.has_body = chunked or (content_length is not None and content_length != b"0")
         if chunked:
+            req.chunked = req.has_body = True
             lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif content_length is not None and content_length != b"0":
+            req.has_body = True
         if req.upgrade and upgrade_value:
             lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
         forwarding = self.forwarding
@@ -644,40 +664,34 @@ class HttpClient(asyncio.Protocol):
             if req.version == "1.1":
                 self._send(b"HTTP/1.1 %d %s\r\n\r\n" % (status, conn.reason or b"Continue"))
             return
-        req.t_response = self.w.clock()
+        req.t_response = self.t_io   # set by HttpServer.data_received, which parses this head
         req.status = status
         req.resp_started = True
         method = req.method
         nobody = method == b"HEAD" or status in (204, 304)
         client_ka = req.keep_alive and req.client_ka and not self.w.stopping
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, conn.reason)]
         chunked = False
         has_length = False
         upgrade = b""
         extra_hop: tuple[bytes, ...] = ()
-        for name, value in conn.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"transfer-encoding":
-                    chunked = True
-                elif lname == b"connection":
-                    if value.lower() not in _PLAIN_CONNECTION:
-                        extra_hop += tuple(t.strip().lower() for t in value.split(b","))
-                elif lname == b"upgrade":
-                    upgrade = value
-                continue
+        for lname, value in conn.special:
             if lname == b"content-length":
                 has_length = True
                 length = value
-            lines += (name, b": ", value, b"\r\n")
+            elif lname == b"transfer-encoding":
+                chunked = True
+            elif lname == b"connection":
+                if value.lower() not in _PLAIN_CONNECTION:
+                    extra_hop += tuple(t.strip().lower() for t in value.split(b","))
+            elif lname == b"upgrade":
+                upgrade = value
+        lines = conn.fwd
         if extra_hop:
-            kept = [lines[0]]
-            for name, value in conn.headers:
-                lname = name.lower()
-                if lname in HOP_BY_HOP or lname in extra_hop:
-                    continue
-                kept += (name, b": ", value, b"\r\n")
-            lines = kept
+            # Drop what the server's Connection header declared hop-by-hop.
+            lines = [lines[i + j] for i in range(1, len(lines), 4)
+                     if lines[i].lower() not in extra_hop for j in range(4)]
+            lines.insert(0, b"")
+        lines[0] = b"HTTP/1.1 %d %s\r\n" % (status, conn.reason)
         if status == 101:
             if not req.upgrade:
                 req.term = "SH"
@@ -689,7 +703,6 @@ class HttpClient(asyncio.Protocol):
             self._send(head)
             return
         req.resp_nobody = nobody
-        req.resp_chunked = False
         if nobody:
             pass
         elif has_length and not chunked:
@@ -929,7 +942,11 @@ class HttpClient(asyncio.Protocol):
         counters.bin += req.bytes_in
         counters.bout += req.bytes_out
         status = req.status
-        if status:
+        # The usual 2xx is counted here; Counters.status() sorts the rest.
+        ok = 200 <= status < 300
+        if ok:
+            counters.hrsp_2xx += 1
+        elif status:
             counters.status(status)
         backend = req.backend
         server = req.server_last
@@ -938,7 +955,9 @@ class HttpClient(asyncio.Protocol):
             bc.req_tot += 1
             bc.bin += req.bytes_in
             bc.bout += req.bytes_out
-            if status:
+            if ok:
+                bc.hrsp_2xx += 1
+            elif status:
                 bc.status(status)
             if aborted:
                 bc.cli_abrt += 1
@@ -947,7 +966,9 @@ class HttpClient(asyncio.Protocol):
             sc.stot += 1
             sc.bin += req.bytes_in
             sc.bout += req.bytes_out
-            if status:
+            if ok:
+                sc.hrsp_2xx += 1
+            elif status:
                 sc.status(status)
             if aborted:
                 sc.cli_abrt += 1
@@ -1076,7 +1097,11 @@ class HttpServer(asyncio.Protocol):
         self.client: HttpClient | None = None
         self.req: Request | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.headers: list[tuple[bytes, bytes]] = []
+        # The response head as parsed: the lines to forward as they are
+        # (name, ": ", value, CRLF; slot 0 is kept for the status line) and,
+        # lowered, the headers that decide framing and connection handling.
+        self.fwd: list[bytes] = [b""]
+        self.special: list[tuple[bytes, bytes]] = []
         self.reason = b""
         self.keep_alive = True
         self.reused = False
@@ -1101,7 +1126,8 @@ class HttpServer(asyncio.Protocol):
             self.fresh_parser = False
         self.idle = False
         self.got_data = False
-        self.headers = []
+        self.fwd = [b""]
+        self.special = []
         self.reason = b""
         self.in_head = True
         self.body_left = -1
@@ -1185,14 +1211,20 @@ class HttpServer(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_head:
-            self.headers.append((name, value))
+            lname = name.lower()
+            if lname in _RESPONSE_SPECIAL:
+                self.special.append((lname, value))
+                if lname in HOP_BY_HOP:
+                    return
+            self.fwd += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         client = self.client
         if status < 200 and status != 101:
             client.response_head(self, status)
-            self.headers = []
+            self.fwd = [b""]
+            self.special = []
             self.reason = b""
             return
         self.in_head = False
