@@ -7,7 +7,7 @@ import concurrent.futures
 import json
 import time
 
-from conftest import http_get, origin_of
+from worker_harness import http_get, origin_of
 
 
 def config(front: str, servers: list[str], balance: str = "roundrobin", backend_extra: str = "",

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import http_config, http_get, origin_of, raw_exchange
+from worker_harness import http_config, http_get, origin_of, raw_exchange
 
 
 def test_ready_then_round_robin(backend, bind, run_worker):

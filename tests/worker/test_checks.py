@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from conftest import free_port, http_get, origin_of
+from worker_harness import free_port, http_get, origin_of
 from test_balance import config, srv
 
 FAST = "    check: {interval: 100ms, rise: 2, fall: 2, http: \"GET /health\"}"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import free_listener, http_config, http_get, raw_exchange
+from worker_harness import free_listener, http_config, http_get, raw_exchange
 from test_http import connect, read_response
 
 

@@ -9,7 +9,7 @@ import json
 import socket
 import time
 
-from conftest import http_config, http_get, origin_of, pattern_bytes, raw_exchange
+from worker_harness import http_config, http_get, origin_of, pattern_bytes, raw_exchange
 
 
 def connect(front: str, timeout: float = 5.0) -> socket.socket:
@@ -127,6 +127,14 @@ def test_http10_client_and_head(backend, bind, run_worker):
         sock.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body = read_response(f)
         assert status == 200 and json.loads(body)["path"] == "/after"
+        # Answered before a single byte of the body was sent.
+        sock.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        assert read_response(f)[:3:2] == (200, b"early a\n")
+        for _ in range(size // len(piece)):
+            sock.sendall(piece)
+        sock.sendall(b"GET /last HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = read_response(f)
+        assert status == 200 and json.loads(body)["path"] == "/last"
 
 
 def test_connection_close_respected(backend, bind, run_worker):
@@ -223,6 +231,14 @@ def test_answer_before_the_body_ends_keeps_the_client_connection(backend, bind, 
         sock.sendall(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body = read_response(f)
         assert status == 200 and json.loads(body)["path"] == "/after"
+        # Answered before a single byte of the body was sent.
+        sock.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        assert read_response(f)[:3:2] == (200, b"early a\n")
+        for _ in range(size // len(piece)):
+            sock.sendall(piece)
+        sock.sendall(b"GET /last HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = read_response(f)
+        assert status == 200 and json.loads(body)["path"] == "/last"
 
 
 def test_large_bodies_back_to_back_on_one_connection(backend, bind, run_worker):

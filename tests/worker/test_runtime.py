@@ -8,7 +8,7 @@ import re
 import socket
 import time
 
-from conftest import http_config, http_get, origin_of
+from worker_harness import http_config, http_get, origin_of
 from test_balance import config, srv
 from test_http import connect, read_response
 
