@@ -797,6 +797,8 @@ class HttpClient(asyncio.Protocol):
         """The server answered before the request body ended (RFC 9112 9.3 allows
         it): read the rest and drop it, so that the client, still sending,
         is not cut off and keeps its connection, as with HAProxy."""
+        if req.body_left == -2:     # answered before a byte of the body came
+            req.body_left = _content_length(req.headers)
         if not 0 < req.body_left <= MAX_DRAIN or req.upgrade:
             self.close()
             return
