@@ -53,6 +53,34 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def connection_owner(sock: socket.socket, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the proxy's end of the client connection ``sock``."""
+    client = sock.getsockname()[1]
+    server = sock.getpeername()[1]
+    wanted = f"0100007F:{server:04X} 0100007F:{client:04X}"
+    inode = None
+    with open("/proc/net/tcp") as table:
+        for line in table:
+            fields = line.split()
+            if f"{fields[1]} {fields[2]}" == wanted:
+                inode = fields[9]
+                break
+    if inode is None:
+        return None
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
 class NotifySocket:
     """A unix datagram socket standing in for systemd's NOTIFY_SOCKET."""
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from master_harness import (ROOT, free_port, http_get, pid_alive, wait_for, worker_fault)
+from master_harness import (ROOT, connection_owner, free_port, http_get, pid_alive, wait_for,
+                            worker_fault)
 
 
 def http_config(port: int, servers: list[str], *, max_reloads: int = 50, workers: int = 1,
@@ -66,6 +67,18 @@ def open_echo(port: int) -> socket.socket:
     sock.sendall(b"ping\n")
     assert sock.recv(100) == b"ping\n"
     return sock
+
+
+def open_echo_on(port: int, worker: int, others: list[int]) -> socket.socket:
+    """A relayed connection held by ``worker``. Just after a reload, the generation
+    being soft-stopped may still accept one (and serve it, rightly); try again."""
+    for _ in range(50):
+        sock = open_echo(port)
+        if connection_owner(sock, [worker, *others]) == worker:
+            return sock
+        sock.close()
+        time.sleep(0.1)
+    raise AssertionError(f"worker {worker} never got a connection")
 
 
 # --- start and READY ------------------------------------------------------------
@@ -245,7 +258,8 @@ def test_max_reloads_signals_each_old_worker_once(master_factory, echo_backend, 
     for _ in range(reloads):
         worker = master.workers()[0]
         generations.append(worker)
-        held[worker] = open_echo(port)   # keeps this worker busy after soft stop
+        # Keeps this worker busy after its soft stop.
+        held[worker] = open_echo_on(port, worker, generations[:-1])
         assert master.reload().startswith("Success=1")
     sent = master.signals_sent()
     for index, pid in enumerate(generations):
