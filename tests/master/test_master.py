@@ -510,6 +510,32 @@ def test_stop_during_reload(master_factory, notify_socket, http_backend, tmp_pat
     assert not any(m.get("READY") == "1" for m in after), after
 
 
+def test_worker_restarted_during_a_reload_leaves_after_it(master_factory, http_backend, tmp_path):
+    """A current worker that dies while the next generation starts is replaced
+    (the old generation still serves); once the reload is done, pass 2 must
+    soft-stop that replacement too, or it would serve the old config forever."""
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address], ready_timeout="30s"))
+    first = master.workers()[0]
+    slow = worker_fault(tmp_path, "slow-start", "3")
+    result: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("r", master.reload()))
+    thread.start()
+    wait_for(lambda: not slow.exists(), what="the new worker to be started (and slowed)")
+    new = {p.pid for p in master.show_proc() if p.kind == "worker"} - {first}
+    os.kill(first, signal.SIGKILL)     # its replacement starts at normal speed
+    wait_for(lambda: {p.pid for p in master.show_proc() if p.kind == "worker"} - new - {first},
+             what="the replacement of the killed worker")
+    replacement = ({p.pid for p in master.show_proc() if p.kind == "worker"} - new).pop()
+    thread.join(30)
+    assert result["r"].startswith("Success=1")
+    assert ("SIGUSR1", replacement) in master.signals_sent()
+    wait_for(lambda: not pid_alive(replacement), what="the replacement to leave")
+    assert set(master.workers()) == new and master.old_workers() == []
+    assert http_get(port)[0] == 200
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_workers_drop_privileges(master_factory, http_backend):
     backend = http_backend("a")

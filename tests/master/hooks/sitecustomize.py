@@ -6,7 +6,9 @@ worker (HAPYMASTER_CONTROL_FD is set) and only when the test has created the
 named file in $HAPYMASTER_TEST_HOOKS:
 
 - ``never-ready``: the worker hangs before it could ever send READY;
-- ``exit-at-start``: the worker exits with status 3 at once.
+- ``exit-at-start``: the worker exits with status 3 at once;
+- ``slow-start``: the next worker to start takes the file (it is renamed, so
+  only one does), sleeps as many seconds as it says, then starts as usual.
 """
 
 import os
@@ -18,3 +20,11 @@ if _hooks and os.environ.get("HAPYMASTER_CONTROL_FD"):
         os._exit(3)
     if os.path.exists(os.path.join(_hooks, "never-ready")):
         time.sleep(3600)
+    _taken = os.path.join(_hooks, f"slow-start.taken-by-{os.getpid()}")
+    try:
+        os.rename(os.path.join(_hooks, "slow-start"), _taken)
+    except OSError:
+        pass
+    else:
+        with open(_taken) as _slow:
+            time.sleep(float(_slow.read()))
