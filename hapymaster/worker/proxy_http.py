@@ -1189,20 +1189,25 @@ class HttpServer(asyncio.Protocol):
             self.raw_body = True
 
     def _pass_body(self, client: HttpClient, data: bytes) -> None:
+        transport = client.transport
+        if transport.is_closing():
+            # The client is gone; its connection_lost has not run yet.
+            self.transport.abort()
+            return
         left = self.body_left
         size = len(data)
         req = self.req
         if size < left:
             self.body_left = left - size
             req.bytes_out += size
-            client.transport.write(data)
+            transport.write(data)
             return
         if size > left:
             # More than the response: the server is confused; do not reuse it.
             data = data[:left]
             self.keep_alive = False
         req.bytes_out += left
-        client.transport.write(data)
+        transport.write(data)
         self.raw_body = False
         self.body_left = -1
         self.fresh_parser = True   # the old one stopped in the middle of this body

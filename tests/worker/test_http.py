@@ -256,3 +256,19 @@ def test_large_bodies_back_to_back_on_one_connection(backend, bind, run_worker):
         status, _, body = read_response(f)
         assert status == 200 and json.loads(body)["path"] == "/next"
     assert len(a.connections) == 1
+
+
+def test_client_leaving_mid_download_frees_everything(backend, bind, run_worker):
+    a = backend("a")
+    front = bind("web")
+    worker = run_worker(http_config(front, [("a", a.address)]))
+    for _ in range(3):
+        with connect(front) as sock:
+            sock.sendall(b"GET /big/20000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.recv(65536)
+        # Closed with most of the body still on its way.
+    status, _, body = http_get(front, "/big/1000000")
+    assert status == 200 and body == pattern_bytes(1_000_000)
+    assert worker.proc.poll() is None
+    assert "Traceback" not in worker.log and "Fatal error" not in worker.log
