@@ -212,9 +212,7 @@ class BackendState:
         A queued session gets ``session.on_server(server)`` later, from release(),
         or is removed by ``dequeue`` when its queue timeout fires.
         """
-        candidates = self._candidates
-        if candidates is None:
-            candidates = self.candidates()
+        candidates = self.candidates()
         if not candidates:
             return NO_SERVER
         free = [s for s in candidates if not s.full] if self.limited else candidates

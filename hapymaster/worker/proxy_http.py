@@ -123,7 +123,6 @@ class Request:
     resp_chunked = False
     resp_close = False
     resp_nobody = False
-    resp_length = -1      # the response's Content-Length when its body is delimited by it
     client_ka = True
     leftover = b""
     term = "--"
@@ -706,7 +705,7 @@ class HttpClient(asyncio.Protocol):
         if nobody:
             pass
         elif has_length and not chunked:
-            req.resp_length = int(length)
+            conn.body_left = int(length)
         elif chunked:
             if req.version == "1.1":
                 lines.append(b"Transfer-Encoding: chunked\r\n")
@@ -802,8 +801,7 @@ class HttpClient(asyncio.Protocol):
         if not 0 < req.body_left <= MAX_DRAIN or req.upgrade:
             self.close()
             return
-        req.conn = None
-        req.streaming = True
+        req.conn = None     # with streaming set: on_body drops what comes
         self.phase = P_DRAIN
         self._resume(R_PENDING | R_SERVER)
 
@@ -1113,8 +1111,9 @@ class HttpServer(asyncio.Protocol):
         self.fresh_parser = False
         self.in_head = True
         self.closed = False
-        # Bytes of a Content-Length body still to come (-1: none known) and
-        # whether they are passed to the client without the parser.
+        # Bytes of a Content-Length body still to come (-1: none known; set
+        # by HttpClient.response_head) and whether they are passed to the
+        # client without the parser.
         self.body_left = -1
         self.raw_body = False
 
@@ -1237,9 +1236,6 @@ class HttpServer(asyncio.Protocol):
         self.in_head = False
         self.keep_alive = self.parser.should_keep_alive()
         client.response_head(self, status)
-        req = self.req
-        if req is not None:
-            self.body_left = req.resp_length
 
     def on_body(self, body: bytes) -> None:
         self.body_left -= len(body)
