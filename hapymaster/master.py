@@ -1,16 +1,38 @@
 """The master: the process list, starting workers, reloads, signals.
 
-Everything that changes the process list lives in this file, and all of it
-runs on one asyncio loop, so no two transitions ever interleave half-way.
-Signal handlers only hand the signal to the loop (asyncio's self-pipe);
-SIGCHLD is reaped there too. The lifecycle of a worker:
+One task owns the process list: the supervisor (``Master.supervise``).
+Nothing else changes it. Signal handlers, a worker's READY line, child exits
+(reaped in the SIGCHLD handler), CLI reload requests and timers only put an
+event on the supervisor's queue (``Master.post``). The supervisor takes one
+event, applies it (``_apply``: a named handler per event), then reconciles
+what should exist with what does (``_reconcile``: every slot of the current
+generation has a worker, else a replacement is started with backoff; a
+replacement not READY in time is killed; a stop is done when no worker is
+left). That is gunicorn's arbiter loop; here the supervisor awaits nothing
+but its next event, so no decision is ever taken on a process list read
+before an await. The lifecycle of a worker:
 
     spawn ──► INIT ──_send_status READY──► READY ──next reload──► LEAVING ──exit──► gone
 
-A reload, top to bottom, is ``Master._reload_once``:
-re-read the config, count the reload on every live worker, start the new
-generation, wait until all of it is READY, then the two passes
-``sigterm_workers_over_max_reloads`` and ``soft_stop_previous_generation``.
+A worker is in the list from the moment its process exists: what it is
+booted with (config, runtime state) is sent on its socketpair a moment
+later by a small task (``_boot``), but its generation and slot are decided,
+and visible to the two passes, at once.
+
+A reload, top to bottom, is ``Master.reload_once``, run by the supervisor,
+which keeps handling events while the new generation starts:
+RELOADING=1; re-read the config; count the reload on every live worker; bind
+the new addresses; start the new generation (INIT); wait until all of it is
+READY; then READY=1 and the two passes, ``sigterm_workers_over_max_reloads``
+and ``soft_stop_previous_generation``. Every way a reload can fail (a bad
+config, a bind error, EMFILE while starting a worker, a worker exiting or
+late, a stop) lands in one ``finally`` that undoes what was done: the new
+workers abandoned, the added listeners closed, the reload counts given back,
+and READY=1 + ``STATUS=Reload failed`` sent, so RELOADING=1 is never left
+unanswered.
+
+The messages on the socketpair are in ``hapymaster.messages``; stats
+counters summed across workers and reloads in ``hapymaster.counters``.
 """
 
 from __future__ import annotations
@@ -30,9 +52,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from . import __version__
-from .pdeathsig import die_with_parent
+from . import __version__, messages
 from .config import Address, Config, ConfigError, parse_config, read_config
+from .counters import CounterBook, Part
+from .pdeathsig import die_with_parent
 from .sdnotify import child_environment, monotonic_usec, notify, watchdog_interval
 
 log = logging.getLogger("hapymaster.master")
@@ -44,6 +67,12 @@ RESTART_BACKOFF_MAX = 10.0
 # one-off crash, not a crash loop.
 RESTART_BACKOFF_RESET_AFTER = 30.0
 WORKER_COMMAND_TIMEOUT = 5.0
+# A stats scrape must not hang on one stuck worker: its last counters count.
+COUNTERS_TIMEOUT = 1.5
+# A worker's last counters are on its socketpair when it exits; the channel is
+# closed by EOF once they are read. Should another process hold the worker's
+# end open, close ours after this long anyway.
+CHANNEL_LINGER = 2.0
 
 
 class WorkerState(enum.Enum):
@@ -59,15 +88,24 @@ class Worker:
     index: int
     version: str
     started_at: float
-    control: "ControlChannel"
+    control: "WorkerChannel | None" = None
     state: WorkerState = WorkerState.INIT
     reloads: int = 0
+    # A replacement for a current worker that died: the supervisor, not a
+    # reload, kills it when it is late.
+    ready_deadline: float | None = None
     # Every signal the master ever sent this worker: the guard that keeps a
     # worker from getting the same signal twice, or two signals in one reload.
     signals_sent: list[signal.Signals] = field(default_factory=list)
 
     def describe(self) -> str:
         return f"worker {self.pid} (generation {self.generation}, #{self.index})"
+
+    async def ask(self, command: str, timeout: float = WORKER_COMMAND_TIMEOUT) -> str:
+        """Run a worker CLI command and return its answer."""
+        if self.control is None:
+            raise ConnectionError("worker is not connected yet")
+        return str(await self.control.request(messages.CLI, timeout, command=command))
 
 
 @dataclass
@@ -81,7 +119,48 @@ class ReloadResult:
 
 
 class ReloadFailed(Exception):
+    def __init__(self, *reasons: str):
+        super().__init__(reasons[0])
+        self.reasons = list(reasons)
+
+
+# --- the supervisor's events ------------------------------------------------------
+
+@dataclass
+class ChildExited:
+    pid: int
+    status: int
+
+
+@dataclass
+class WorkerSaid:
+    worker: Worker
+    line: str
+
+
+@dataclass
+class ReloadAsked:
+    hard: bool
+    future: "asyncio.Future[ReloadResult] | None"
+
+
+@dataclass
+class StopAsked:
+    why: str
+
+
+@dataclass
+class HardStopDue:
     pass
+
+
+@dataclass
+class Wake:
+    """A timer is due (restart backoff, a deadline): reconcile again."""
+    why: str
+
+
+Event = ChildExited | WorkerSaid | ReloadAsked | StopAsked | HardStopDue | Wake
 
 
 def installed_version() -> str:
@@ -110,82 +189,36 @@ def bind_listener(address: Address) -> socket.socket:
     return sock
 
 
-class ControlChannel(asyncio.Protocol):
+class WorkerChannel(messages.Channel):
     """The master's end of one worker's socketpair.
 
-    Lines from the worker are either the hidden ``_send_status READY`` or JSON
-    messages (command replies, gather requests). This is the only place where
-    ``_send_status`` is believed: the socketpair was created by the master for
-    this worker alone, so whoever writes here is that worker.
+    This is the only place where ``_send_status`` is believed: the socketpair
+    was created by the master for this worker alone, so whoever writes here
+    is that worker. The line goes to the supervisor as an event.
     """
 
-    def __init__(self, master: "Master"):
+    def __init__(self, master: "Master", worker: Worker):
+        super().__init__()
         self.master = master
-        self.worker: Worker | None = None
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.next_id = 0
-        self.pending: dict[int, asyncio.Future[str]] = {}
+        self.worker = worker
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def text_received(self, line: str) -> None:
+        self.master.post(WorkerSaid(self.worker, line))
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while b"\n" in self.buffer:
-            line, self.buffer = self.buffer.split(b"\n", 1)
-            self.line_received(line.decode("utf-8", "replace"))
-
-    def line_received(self, line: str) -> None:
-        if self.worker is None:
-            return
-        if not line.startswith("{"):
-            self.master.worker_said(self.worker, line.strip())
-            return
-        try:
-            message = json.loads(line)
-        except ValueError:
-            log.warning("%s sent a malformed control message", self.worker.describe())
-            return
+    def message_received(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if kind == "cli_reply":
-            future = self.pending.pop(message.get("id"), None)
-            if future is not None and not future.done():
-                future.set_result(str(message.get("output", "")))
-        elif kind == "gather":
-            asyncio.ensure_future(self._answer_gather(message))
+        if kind == messages.COUNTERS:
+            asyncio.ensure_future(self._answer_counters(message))
+        elif kind == messages.FINAL:
+            self.master.counters.seen(self.worker.pid, message.get("counters"))
+        else:
+            super().message_received(message)
 
-    async def _answer_gather(self, message: dict[str, Any]) -> None:
-        outputs = await self.master.gather(str(message.get("command", "")))
-        self.send({"type": "gathered", "id": message.get("id"), "outputs": outputs})
+    async def _answer_counters(self, message: dict[str, Any]) -> None:
+        self.reply(message, await self.master.counter_totals())
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError("worker closed its control channel"))
-        self.pending.clear()
-        self.transport = None
-
-    def send(self, message: dict[str, Any]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(json.dumps(message).encode() + b"\n")
-
-    async def ask(self, command: str, timeout: float = WORKER_COMMAND_TIMEOUT) -> str:
-        """Run a CLI command on the worker and return its answer."""
-        if self.transport is None or self.transport.is_closing():
-            raise ConnectionError("worker is gone")
-        self.next_id += 1
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.pending[self.next_id] = future
-        self.send({"type": "cli", "id": self.next_id, "command": command})
-        try:
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            self.pending.pop(self.next_id, None)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def closed(self) -> None:
+        self.master.counters.retire(self.worker.pid)
 
 
 class Master:
@@ -206,12 +239,14 @@ class Master:
         self.version = __version__
         self.stopping = False
         self.exit_code = 0
-        self._ready_waiters: list[asyncio.Future[None]] = []
-        self._reload_queue: list[tuple[bool, asyncio.Future[ReloadResult]]] = []
-        self._reloader: asyncio.Task[None] | None = None
-        self._restart_backoff: dict[int, float] = {}
+        self.counters = CounterBook()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._reload_queue: list[tuple[bool, asyncio.Future[ReloadResult] | None]] = []
+        self._start_failed: str | None = None   # set while the first start runs
+        self._starting = True
+        self._restart_at: dict[int, float] = {}        # slot -> when its replacement starts
+        self._restart_backoff: dict[int, float] = {}   # slot -> next delay
         self._last_state: Any = None
-        self._done = asyncio.Event()
         self._cli_server: asyncio.AbstractServer | None = None
         self.on_stop: list[Callable[[], None]] = []
 
@@ -281,103 +316,104 @@ class Master:
 
     # --- starting workers -----------------------------------------------------
 
-    async def spawn_worker(self, generation: int, index: int, config: Config, text: str,
-                           state: Any) -> Worker:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _start_process(self, control: socket.socket, listener_fds: list[int]) -> int:
+        """Create the OS process of one worker and return its pid.
+
+        The worker gets ``control`` (its end of the socketpair) and the
+        listening sockets; it reads its boot message on ``control``. This is
+        the only place that knows how a worker process comes to exist.
+        """
+        env = child_environment()
+        env["HAPYMASTER_CONTROL_FD"] = str(control.fileno())
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hapymaster.worker"], env=env, stdin=subprocess.DEVNULL,
+            pass_fds=[control.fileno(), *listener_fds],
+            preexec_fn=functools.partial(die_with_parent, os.getpid()))
+        # We reap children ourselves (SIGCHLD); keep Popen from ever waiting too.
+        process.returncode = 0
+        return process.pid
+
+    def spawn_worker(self, generation: int, index: int, config: Config, text: str,
+                     state: "asyncio.Future[Any]") -> Worker:
+        """Start one worker, in the process list (INIT) when this returns.
+
+        Raises OSError when the process cannot be made (EMFILE, EAGAIN...).
+        """
         wanted = set(self.wanted_addresses(config))
         listeners = [(str(address), sock.fileno()) for address, sock in self.listeners.items()
                      if address in wanted]
-        env = child_environment()
-        env["HAPYMASTER_CONTROL_FD"] = str(child_end.fileno())
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "hapymaster.worker"], env=env, stdin=subprocess.DEVNULL,
-                pass_fds=[child_end.fileno()] + [fd for _, fd in listeners],
-                preexec_fn=functools.partial(die_with_parent, os.getpid()))
+            pid = self._start_process(child_end, [fd for _, fd in listeners])
+        except BaseException:
+            parent_end.close()
+            raise
         finally:
             child_end.close()
-        # We reap children ourselves (SIGCHLD); keep Popen from ever waiting too.
-        process.returncode = 0
-        loop = asyncio.get_running_loop()
-        _, channel = await loop.create_unix_connection(lambda: ControlChannel(self),
-                                                       sock=parent_end)
-        worker = Worker(pid=process.pid, generation=generation, index=index,
-                        version=installed_version(), started_at=time.monotonic(),
-                        control=channel)
-        channel.worker = worker
+        worker = Worker(pid=pid, generation=generation, index=index,
+                        version=installed_version(), started_at=time.monotonic())
         self.processes.append(worker)
-        channel.send({"type": "boot", "generation": generation, "index": index,
-                      "master_pid": os.getpid(), "config_path": config.source,
-                      "config_text": text,
-                      "listeners": [{"address": a, "fd": fd} for a, fd in listeners],
-                      "state": state})
         log.info("started %s", worker.describe(),
                  extra={"HAPYMASTER_GENERATION": str(generation),
-                        "HAPYMASTER_WORKER_PID": str(worker.pid)})
+                        "HAPYMASTER_WORKER_PID": str(pid)})
+        boot = functools.partial(messages.boot, generation=generation, index=index,
+                                 master_pid=os.getpid(), config_path=config.source,
+                                 config_text=text, listeners=listeners)
+        asyncio.ensure_future(self._boot(worker, parent_end, boot, state))
         return worker
 
-    async def carried_state(self) -> Any:
+    async def _boot(self, worker: Worker, sock: socket.socket,
+                    boot: Callable[..., dict[str, Any]], state: "asyncio.Future[Any]") -> None:
+        """Connect the master's end of the socketpair, then send the boot message.
+
+        Only data is awaited here; the worker's place in the process list
+        was decided before. A worker that never gets its boot message is not
+        READY in time, and fails like any late worker.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            _, channel = await loop.create_unix_connection(
+                lambda: WorkerChannel(self, worker), sock=sock)
+        except OSError as exc:
+            sock.close()
+            log.error("cannot talk to %s: %s", worker.describe(), exc)
+            return
+        worker.control = channel
+        channel.send(boot(state=await state))
+
+    def read_state(self) -> "asyncio.Future[Any]":
         """Runtime state (weights, admin and health states) of a current worker.
 
-        Handed to the next generation, so what an operator set at runtime and
-        what the health checks found survive a reload.
+        Handed to the next worker or generation, so what an operator set at
+        runtime and what the health checks found survive a reload.
         """
-        for worker in self.current_workers():
-            if worker.state is WorkerState.READY:
-                try:
-                    self._last_state = json.loads(await worker.control.ask("_state"))
-                    break
-                except (ConnectionError, asyncio.TimeoutError, ValueError) as exc:
-                    log.warning("could not read the runtime state of %s: %s",
-                                worker.describe(), exc)
-        return self._last_state
+        async def read() -> Any:
+            for worker in self.current_workers():
+                if worker.state is WorkerState.READY:
+                    try:
+                        self._last_state = json.loads(await worker.ask("_state"))
+                        break
+                    except (ConnectionError, asyncio.TimeoutError, ValueError) as exc:
+                        log.warning("could not read the runtime state of %s: %s",
+                                    worker.describe(), exc)
+            return self._last_state
+        return asyncio.ensure_future(read())
 
-    async def start_generation(self, config: Config, text: str, state: Any) -> list[Worker]:
+    def start_generation(self, config: Config, text: str) -> list[Worker]:
+        """Start the next generation, INIT. If one worker cannot be started, none is."""
         self.last_generation += 1
-        return [await self.spawn_worker(self.last_generation, index, config, text, state)
-                for index in range(1, config.global_.workers + 1)]
-
-    async def wait_ready(self, workers: list[Worker], timeout: float) -> None:
-        """Return when every worker is READY; raise ReloadFailed if one exits or is late."""
-        deadline = time.monotonic() + timeout
-        while True:
-            dead = [w for w in workers if w not in self.processes]
-            if dead:
-                raise ReloadFailed(f"{dead[0].describe()} exited before it was READY")
-            if all(w.state is WorkerState.READY for w in workers):
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                late = [w for w in workers if w.state is WorkerState.INIT]
-                raise ReloadFailed(f"{late[0].describe()} was not READY within {timeout:g}s")
-            waiter = asyncio.get_running_loop().create_future()
-            self._ready_waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, remaining)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                if waiter in self._ready_waiters:
-                    self._ready_waiters.remove(waiter)
-
-    def _wake_ready_waiters(self) -> None:
-        for waiter in self._ready_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._ready_waiters.clear()
-
-    def worker_said(self, worker: Worker, line: str) -> None:
-        """A text line on a worker's own socketpair (the only place it is trusted)."""
-        if line == "_send_status READY":
-            if worker.state is WorkerState.INIT:
-                worker.state = WorkerState.READY
-                log.info("%s is READY after %.3fs", worker.describe(),
-                         time.monotonic() - worker.started_at,
-                         extra={"HAPYMASTER_GENERATION": str(worker.generation),
-                                "HAPYMASTER_WORKER_PID": str(worker.pid)})
-                self._wake_ready_waiters()
-        else:
-            log.warning("%s sent an unknown status line %r", worker.describe(), line[:80])
+        state = self.read_state()
+        workers: list[Worker] = []
+        try:
+            for index in range(1, config.global_.workers + 1):
+                workers.append(self.spawn_worker(self.last_generation, index, config, text,
+                                                 state))
+        except OSError as exc:
+            self.abandon(workers, "its generation could not be started")
+            raise ReloadFailed(f"cannot start worker #{len(workers) + 1}: "
+                               f"{exc.strerror or exc}",
+                               "the previous workers keep serving") from None
+        return workers
 
     def abandon(self, workers: list[Worker], why: str) -> None:
         """Stop the workers of a generation that failed to start.
@@ -392,18 +428,195 @@ class Master:
                 worker.state = WorkerState.LEAVING
                 self.send_signal(worker, sig, why)
 
+    # --- the supervisor -------------------------------------------------------------
+
+    def post(self, event: Event) -> None:
+        """Hand an event to the supervisor: the only thing handlers and callbacks do."""
+        self._events.put_nowait(event)
+
+    async def supervise(self) -> int:
+        """The one task that owns the process list: first start, then events and reloads."""
+        try:
+            await self.first_start()
+        except (ReloadFailed, OSError) as exc:
+            log.error("first start failed: %s", exc)
+            notify(f"STATUS=Start failed: {exc}")
+            self.stopping = True
+            self.abandon(list(self.processes), "first start failed")
+            await self._until(lambda: not self.processes, time.monotonic() + 2.0)
+            for worker in list(self.processes):
+                self.send_signal(worker, signal.SIGKILL, "master exiting")
+            return 1
+        while not (self.stopping and not self.processes):
+            if self._reload_queue and not self.stopping:
+                batch, self._reload_queue = self._reload_queue, []
+                hard = any(hard for hard, _ in batch)
+                try:
+                    result = await self.reload_once(hard)
+                except Exception as exc:  # a bug must not leave callers hanging
+                    log.exception("reload crashed")
+                    result = ReloadResult(False, [f"internal error: {exc!r}"])
+                for _, future in batch:
+                    if future is not None and not future.done():
+                        future.set_result(result)
+                continue
+            await self._next_event()
+        log.info("all workers gone, master exiting")
+        return self.exit_code
+
+    async def _next_event(self) -> None:
+        event = await self._events.get()
+        self._apply(event)
+        self._reconcile()
+
+    async def _until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Handle events until ``done()``; False if ``deadline`` came first."""
+        wake = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.monotonic()) + 0.005, self.post, Wake("deadline"))
+        try:
+            while not done():
+                if time.monotonic() >= deadline:
+                    return False
+                await self._next_event()
+            return True
+        finally:
+            wake.cancel()
+
+    def _apply(self, event: Event) -> None:
+        if isinstance(event, ChildExited):
+            self.child_exited(event.pid, event.status)
+        elif isinstance(event, WorkerSaid):
+            self.worker_said(event.worker, event.line)
+        elif isinstance(event, ReloadAsked):
+            if self.stopping:
+                if event.future is not None and not event.future.done():
+                    event.future.set_result(ReloadResult(False, ["the master is stopping"]))
+            else:
+                self._reload_queue.append((event.hard, event.future))
+        elif isinstance(event, StopAsked):
+            self.stop(event.why)
+        elif isinstance(event, HardStopDue):
+            self._hard_stop()
+
+    def _reconcile(self) -> None:
+        """What should exist against what does: the current generation's slots."""
+        if self.stopping or self._start_failed:
+            return
+        now = time.monotonic()
+        current = {w.index: w for w in self.current_workers()}
+        for index in range(1, self.config.global_.workers + 1):
+            worker = current.get(index)
+            if worker is None:
+                due = self._restart_at.get(index)
+                if due is None:
+                    self._schedule_restart(index)
+                elif now >= due:
+                    del self._restart_at[index]
+                    self._restart(index)
+            elif worker.state is WorkerState.INIT and worker.ready_deadline is not None \
+                    and now >= worker.ready_deadline:
+                log.error("replacement %s was not READY within %gs", worker.describe(),
+                          self.config.global_.ready_timeout)
+                self.abandon([worker], "replacement not READY")
+                self._schedule_restart(index)
+
+    def _schedule_restart(self, index: int) -> None:
+        delay = self._restart_backoff.get(index, RESTART_BACKOFF_FIRST)
+        self._restart_backoff[index] = min(delay * 2, RESTART_BACKOFF_MAX)
+        self._restart_at[index] = time.monotonic() + delay
+        log.warning("restarting worker #%d of generation %d in %.1fs", index, self.generation,
+                    delay)
+        asyncio.get_running_loop().call_later(delay, self.post, Wake("restart"))
+
+    def _restart(self, index: int) -> None:
+        """Replace a current worker that died (its slot is empty)."""
+        try:
+            worker = self.spawn_worker(self.generation, index, self.config, self.config_text,
+                                       self.read_state())
+        except OSError as exc:
+            log.error("cannot start a replacement for worker #%d: %s", index, exc)
+            self._schedule_restart(index)
+            return
+        timeout = self.config.global_.ready_timeout
+        worker.ready_deadline = worker.started_at + timeout
+        asyncio.get_running_loop().call_later(timeout + 0.005, self.post, Wake("ready deadline"))
+
+    # --- events --------------------------------------------------------------------
+
+    def worker_said(self, worker: Worker, line: str) -> None:
+        """A text line on a worker's own socketpair (the only place it is trusted)."""
+        if line == messages.READY_LINE:
+            if worker.state is WorkerState.INIT:
+                worker.state = WorkerState.READY
+                log.info("%s is READY after %.3fs", worker.describe(),
+                         time.monotonic() - worker.started_at,
+                         extra={"HAPYMASTER_GENERATION": str(worker.generation),
+                                "HAPYMASTER_WORKER_PID": str(worker.pid)})
+        else:
+            log.warning("%s sent an unknown status line %r", worker.describe(), line[:80])
+
+    def reap_children(self) -> None:
+        """SIGCHLD: reap every child that exited and tell the supervisor."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.post(ChildExited(pid, status))
+
+    def child_exited(self, pid: int, status: int) -> None:
+        worker = self.find_worker(pid)
+        if worker is None:
+            log.info("child %d exited (%s)", pid, describe_status(status))
+            return
+        self.processes.remove(worker)
+        if worker.control is not None:
+            # Not closed now: its last counters may still be unread on it.
+            asyncio.get_running_loop().call_later(CHANNEL_LINGER, worker.control.close)
+        expected = bool(worker.signals_sent) or worker.state is WorkerState.LEAVING
+        level = logging.INFO if expected or status == 0 else logging.ERROR
+        log.log(level, "%s exited (%s)", worker.describe(), describe_status(status),
+                extra={"HAPYMASTER_GENERATION": str(worker.generation),
+                       "HAPYMASTER_WORKER_PID": str(pid),
+                       "HAPYMASTER_EXIT_STATUS": describe_status(status)})
+        if self._starting and worker.state is WorkerState.INIT and not self.stopping:
+            self._start_failed = f"{worker.describe()} exited before it was READY"
+        if worker.generation == self.generation and \
+                time.monotonic() - worker.started_at > RESTART_BACKOFF_RESET_AFTER:
+            self._restart_backoff.pop(worker.index, None)
+
     # --- first start ----------------------------------------------------------
 
-    async def start(self) -> None:
-        """Bind, start generation 1 and tell systemd we are READY."""
+    async def first_start(self) -> None:
+        """Bind, start generation 1 and tell systemd we are READY.
+
+        Generation 1 is current from the start: a worker that was READY and
+        dies while another is still INIT is restarted like any current
+        worker. The start fails only if a worker exits before it was READY,
+        or one is not READY within ready_timeout.
+        """
         self.bind_new_listeners(self.config)
-        workers = await self.start_generation(self.config, self.config_text, None)
+        workers = self.start_generation(self.config, self.config_text)
         self.generation = self.last_generation
-        try:
-            await self.wait_ready(workers, self.config.global_.ready_timeout)
-        except ReloadFailed:
-            self.abandon(workers, "first start failed")
-            raise
+        timeout = self.config.global_.ready_timeout
+
+        def all_ready() -> bool:
+            ready = [w for w in self.current_workers() if w.state is WorkerState.READY]
+            return len(ready) == self.config.global_.workers
+
+        done = await self._until(lambda: bool(self.stopping or self._start_failed or all_ready()),
+                                 time.monotonic() + timeout)
+        if self._start_failed:
+            raise ReloadFailed(self._start_failed)
+        if not done:
+            late = [w for w in self.current_workers() if w.state is WorkerState.INIT]
+            raise ReloadFailed(f"{(late or workers)[0].describe()} was not READY within "
+                               f"{timeout:g}s")
+        self._starting = False
+        if self.stopping:
+            return
         notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS={self.status_line()}")
         log.info("hapymaster %s ready: %d worker(s), config %s", self.version, len(workers),
                  self.config.source)
@@ -415,73 +628,90 @@ class Master:
     # --- reload -----------------------------------------------------------
 
     def request_reload(self, hard: bool = False) -> asyncio.Future[ReloadResult]:
-        """Queue a reload. Requests made while one runs are coalesced into the next one.
+        """Ask for a reload; the answer comes when the new generation is READY or failed.
 
-        A request that arrives mid-reload may concern a config written after
-        the running reload read it, so it cannot share that reload's result:
-        it waits for the next one, which all such requests share.
+        Requests made while one runs are coalesced into the next one: a
+        request that arrives mid-reload may concern a config written after
+        the running reload read it, so it cannot share that reload's result.
         """
         future: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
-        if self.stopping:
-            future.set_result(ReloadResult(False, ["the master is stopping"]))
-            return future
-        self._reload_queue.append((hard, future))
-        if self._reloader is None or self._reloader.done():
-            self._reloader = asyncio.ensure_future(self._run_reloads())
+        self.post(ReloadAsked(hard, future))
         return future
 
-    async def _run_reloads(self) -> None:
-        while self._reload_queue and not self.stopping:
-            batch, self._reload_queue = self._reload_queue, []
-            hard = any(hard for hard, _ in batch)
-            try:
-                result = await self._reload_once(hard)
-            except Exception as exc:  # a bug must not leave callers hanging
-                log.exception("reload crashed")
-                result = ReloadResult(False, [f"internal error: {exc!r}"])
-            for _, future in batch:
-                if not future.done():
-                    future.set_result(result)
-
-    async def _reload_once(self, hard: bool) -> ReloadResult:
+    async def reload_once(self, hard: bool) -> ReloadResult:
         kind = "hard reload" if hard else "reload"
         notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}",
                f"STATUS=Reloading ({kind} #{self.reloads + 1})")
         log.info("%s requested: reading %s", kind, self.config_path or "the embedded config")
+        counted: list[Worker] = []
+        added: list[Address] = []
+        workers: list[Worker] = []
+        reasons = ["internal error (see the master's log)"]
+        ready = False
+        failed: ReloadResult | None = None
         try:
             config, text = self._load_config()
+            counted = self.count_reload()
+            added = self.bind_new_listeners(config)
+            workers = self.start_generation(config, text)
+            await self._until(lambda: self.stopping or self._settled(workers),
+                              time.monotonic() + config.global_.ready_timeout)
+            self.check_ready(workers, config.global_.ready_timeout)
+            ready = True
         except ConfigError as exc:
-            return self._reload_failed(exc.errors)
+            reasons = list(exc.errors)
+        except ReloadFailed as exc:
+            reasons = exc.reasons
+        finally:
+            if not ready:
+                self.abandon(workers, "reload failed")
+                self.close_listeners(added)
+                self._uncount_reload(counted)
+                failed = self._reload_failed(reasons)
+        if failed is not None:
+            return failed
+        return self._reload_done(kind, config, text, workers, hard)
+
+    def count_reload(self) -> list[Worker]:
+        """Every live worker lives through one more reload (given back if it fails)."""
         live = list(self.processes)
         for worker in live:
             worker.reloads += 1
-        try:
-            added = self.bind_new_listeners(config)
-        except ReloadFailed as exc:
-            self._uncount_reload(live)
-            return self._reload_failed([str(exc)])
-        state = await self.carried_state()
-        workers = await self.start_generation(config, text, state)
-        try:
-            await self.wait_ready(workers, config.global_.ready_timeout)
-            if self.stopping:
-                raise ReloadFailed("the master is stopping")
-        except ReloadFailed as exc:
-            self.abandon(workers, "reload failed")
-            self.close_listeners(added)
-            self._uncount_reload(live)
-            return self._reload_failed([str(exc), "the previous workers keep serving"])
+        return live
+
+    def _settled(self, workers: list[Worker]) -> bool:
+        """Every worker READY, or one gone: either way the reload is decided."""
+        return any(w not in self.processes for w in workers) or \
+            all(w.state is WorkerState.READY for w in workers)
+
+    def check_ready(self, workers: list[Worker], timeout: float) -> None:
+        if self.stopping:
+            raise ReloadFailed("the master is stopping")
+        dead = [w for w in workers if w not in self.processes]
+        if dead:
+            raise ReloadFailed(f"{dead[0].describe()} exited before it was READY",
+                               "the previous workers keep serving")
+        late = [w for w in workers if w.state is not WorkerState.READY]
+        if late:
+            raise ReloadFailed(f"{late[0].describe()} was not READY within {timeout:g}s",
+                               "the previous workers keep serving")
+
+    def _reload_done(self, kind: str, config: Config, text: str, workers: list[Worker],
+                     hard: bool) -> ReloadResult:
         self.config, self.config_text = config, text
         self.generation = workers[0].generation
         self.reloads += 1
+        # The new generation's slots are all filled; restarts planned for the
+        # old one are void.
+        self._restart_at.clear()
+        self._restart_backoff.clear()
         self.close_unused_listeners()
         notify("READY=1", f"STATUS={self.status_line()}")
         self.sigterm_workers_over_max_reloads()
         self.soft_stop_previous_generation(hard)
-        messages = [f"{w.describe()} READY in {time.monotonic() - w.started_at:.3f}s"
-                    for w in workers]
         log.info("%s #%d done: generation %d READY", kind, self.reloads, self.generation)
-        return ReloadResult(True, messages)
+        return ReloadResult(True, [f"{w.describe()} READY in "
+                                   f"{time.monotonic() - w.started_at:.3f}s" for w in workers])
 
     def _uncount_reload(self, workers: list[Worker]) -> None:
         """A failed reload leaves the running workers exactly as they were.
@@ -536,70 +766,26 @@ class Master:
                 self.send_signal(worker, sig, "superseded by generation "
                                  f"{self.generation}" + (" (hard reload)" if hard else ""))
 
-    # --- SIGCHLD --------------------------------------------------------------
-
-    def reap_children(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.child_exited(pid, status)
-
-    def child_exited(self, pid: int, status: int) -> None:
-        worker = self.find_worker(pid)
-        if worker is None:
-            log.info("child %d exited (%s)", pid, describe_status(status))
-            return
-        self.processes.remove(worker)
-        worker.control.close()
-        expected = bool(worker.signals_sent) or worker.state is WorkerState.LEAVING
-        level = logging.INFO if expected or status == 0 else logging.ERROR
-        log.log(level, "%s exited (%s)", worker.describe(), describe_status(status),
-                extra={"HAPYMASTER_GENERATION": str(worker.generation),
-                       "HAPYMASTER_WORKER_PID": str(pid),
-                       "HAPYMASTER_EXIT_STATUS": describe_status(status)})
-        self._wake_ready_waiters()
-        if self.stopping:
-            if not self.processes:
-                self._done.set()
-            return
-        crashed_current = (worker.generation == self.generation and not expected
-                           and worker.state is WorkerState.READY)
-        if crashed_current:
-            asyncio.ensure_future(self.restart_worker(worker))
-
-    async def restart_worker(self, dead: Worker) -> None:
-        """Replace a current worker that died, backing off if it keeps dying."""
-        delay = self._restart_backoff.get(dead.index, RESTART_BACKOFF_FIRST)
-        if time.monotonic() - dead.started_at > RESTART_BACKOFF_RESET_AFTER:
-            delay = RESTART_BACKOFF_FIRST
-        self._restart_backoff[dead.index] = min(delay * 2, RESTART_BACKOFF_MAX)
-        log.warning("restarting worker #%d of generation %d in %.1fs", dead.index,
-                    dead.generation, delay)
-        await asyncio.sleep(delay)
-        if self.stopping or dead.generation != self.generation:
-            return
-        state = await self.carried_state()
-        worker = await self.spawn_worker(dead.generation, dead.index, self.config,
-                                         self.config_text, state)
-        try:
-            await self.wait_ready([worker], self.config.global_.ready_timeout)
-        except ReloadFailed as exc:
-            log.error("replacement for worker #%d failed: %s", dead.index, exc)
-            self.abandon([worker], "replacement not READY")
-            asyncio.ensure_future(self.restart_worker(worker))
-
     # --- worker commands ------------------------------------------------------
 
-    async def gather(self, command: str) -> list[str]:
-        """Run a command on every READY worker of the current generation."""
-        workers = [w for w in self.current_workers() if w.state is WorkerState.READY]
-        answers = await asyncio.gather(*(w.control.ask(command) for w in workers),
+    async def counter_totals(self) -> Part:
+        """Stats counters of everything served since the master started.
+
+        Every live worker that served is asked: the current generation and
+        the old ones still finishing their connections.
+        """
+        workers = [w for w in self.processes if w.state is not WorkerState.INIT
+                   and w.control is not None]
+        answers = await asyncio.gather(*(w.ask("_counters", COUNTERS_TIMEOUT) for w in workers),
                                        return_exceptions=True)
-        return [a for a in answers if isinstance(a, str)]
+        fresh: dict[int, Part] = {}
+        for worker, answer in zip(workers, answers):
+            if isinstance(answer, str):
+                try:
+                    fresh[worker.pid] = json.loads(answer)
+                except ValueError:
+                    continue
+        return self.counters.totals(fresh)
 
     # --- stop -----------------------------------------------------------------
 
@@ -619,13 +805,11 @@ class Master:
                     signal.SIGTERM not in worker.signals_sent:
                 self.send_signal(worker, signal.SIGUSR1, why)
         for _, future in self._reload_queue:
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_result(ReloadResult(False, ["the master is stopping"]))
         self._reload_queue.clear()
-        if not self.processes:
-            self._done.set()
         asyncio.get_running_loop().call_later(self.config.global_.hard_stop_after,
-                                              self._hard_stop)
+                                              self.post, HardStopDue())
 
     def _hard_stop(self) -> None:
         for worker in list(self.processes):
@@ -639,32 +823,15 @@ class Master:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGCHLD, self.reap_children)
         for sig in (signal.SIGUSR2, signal.SIGHUP):
-            loop.add_signal_handler(sig, self.request_reload)
-        loop.add_signal_handler(signal.SIGUSR1, self.stop, "SIGUSR1: soft stop")
-        loop.add_signal_handler(signal.SIGTERM, self.stop, "SIGTERM")
-        loop.add_signal_handler(signal.SIGINT, self.stop, "SIGINT")
+            loop.add_signal_handler(sig, self.post, ReloadAsked(False, None))
+        loop.add_signal_handler(signal.SIGUSR1, self.post, StopAsked("SIGUSR1: soft stop"))
+        loop.add_signal_handler(signal.SIGTERM, self.post, StopAsked("SIGTERM"))
+        loop.add_signal_handler(signal.SIGINT, self.post, StopAsked("SIGINT"))
         self._cli_server = await serve_cli(self)
-        try:
-            await self.start()
-        except (ReloadFailed, ConfigError, OSError) as exc:
-            log.error("first start failed: %s", exc)
-            notify(f"STATUS=Start failed: {exc}")
-            self.stopping = True
-            await self._wait_children(2.0)
-            return 1
         watchdog = watchdog_interval()
         if watchdog:
             loop.create_task(self._watchdog(watchdog))
-        await self._done.wait()
-        log.info("all workers gone, master exiting")
-        return self.exit_code
-
-    async def _wait_children(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.processes and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for worker in list(self.processes):
-            self.send_signal(worker, signal.SIGKILL, "master exiting")
+        return await self.supervise()
 
     async def _watchdog(self, interval: float) -> None:
         while not self.stopping:

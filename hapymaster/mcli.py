@@ -87,7 +87,7 @@ async def worker_command(master: Master, target: str, command: str) -> str:
 
 async def _ask(worker: Worker, command: str) -> str:
     try:
-        answer = await worker.control.ask(command)
+        answer = await worker.ask(command)
     except (ConnectionError, asyncio.TimeoutError) as exc:
         return f"{worker.describe()} did not answer: {exc or 'timeout'}\n"
     return answer if answer.endswith("\n") or not answer else answer + "\n"

@@ -1,10 +1,12 @@
 """Statistics: HAProxy-like CSV (``show stat``, ``/;csv``), an HTML page
 (``/``) and Prometheus text exposition (``/metrics``) on ``global.stats.bind``.
 
-Counters live in each worker; the stats listener asks the master to run the
-hidden ``_counters`` command on every worker of the current generation
-(``gather``) and sums the answers, so the page shows the whole generation.
-States (UP/DOWN/MAINT) are the answering worker's own view.
+Counters live in each worker (``export_counters``, the hidden ``_counters``
+command). The stats page asks the master for the totals (``counters``
+request): the master asks every live worker, old generations included, and
+adds what the workers gone had counted (``hapymaster.counters``), so the
+totals run on across reloads and never go down. States (UP/DOWN/MAINT) are
+the answering worker's own view.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from hapymaster.counters import merge
 from hapymaster.worker.balance import Counters
 
 if TYPE_CHECKING:
@@ -59,42 +62,23 @@ def export_counters(worker: "Worker") -> dict[str, Any]:
     return {"pid": os.getpid(), "frontends": frontends, "backends": backends}
 
 
-def _add(total: dict[str, Any], item: dict[str, Any]) -> None:
-    for key, value in item.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if key in ("smax", "qmax"):
-                total[key] = max(total.get(key, 0), value)
-            else:
-                total[key] = total.get(key, 0) + value
-
-
-def sum_counters(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {"frontends": {}, "backends": {}, "workers": len(parts)}
-    for part in parts:
-        for name, item in part.get("frontends", {}).items():
-            _add(result["frontends"].setdefault(name, {}), item)
-        for name, item in part.get("backends", {}).items():
-            total = result["backends"].setdefault(name, {"servers": {}})
-            _add(total, {k: v for k, v in item.items() if k != "servers"})
-            for sname, sitem in item.get("servers", {}).items():
-                _add(total["servers"].setdefault(sname, {}), sitem)
-    return result
+def own_counters(worker: "Worker") -> dict[str, Any]:
+    """Just this worker's counters, in the shape ``gathered_counters`` returns."""
+    totals = merge([export_counters(worker)])
+    totals["workers"] = 1
+    return totals
 
 
 async def gathered_counters(worker: "Worker") -> dict[str, Any]:
-    """Counters summed over the current generation (just ours if the master cannot tell)."""
-    outputs = None
+    """Everything served since the master started: every worker, every generation.
+
+    The master sums (``hapymaster.counters``); if it cannot answer, the page
+    shows this worker's own counters rather than nothing.
+    """
+    totals = None
     if worker.control is not None:
-        outputs = await worker.control.gather("_counters")
-    parts = []
-    for text in outputs or []:
-        try:
-            parts.append(json.loads(text))
-        except ValueError:
-            continue
-    if not parts:
-        parts = [export_counters(worker)]
-    return sum_counters(parts)
+        totals = await worker.control.counters()
+    return totals if totals is not None else own_counters(worker)
 
 
 def _rows(worker: "Worker", totals: dict[str, Any]) -> list[dict[str, Any]]:
@@ -140,7 +124,7 @@ def _rows(worker: "Worker", totals: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_csv(worker: "Worker", totals: dict[str, Any] | None) -> str:
     if totals is None:
-        totals = sum_counters([export_counters(worker)])
+        totals = own_counters(worker)
     lines = ["# " + ",".join(CSV_FIELDS)]
     for row in _rows(worker, totals):
         lines.append(",".join(str(row.get(field, "")) for field in CSV_FIELDS))

@@ -649,3 +649,130 @@ def test_ctl_command(master_factory, http_backend):
     out = run_cli("ctl", "-S", master.socket_path, "show", "proc")
     assert out.returncode == 0 and "# workers" in out.stdout
     assert "reload" in run_cli("ctl", "-S", master.socket_path, "help").stdout
+
+
+# --- the master never loses track (issue 8) ----------------------------------------------
+
+
+def log_ready_pids(master) -> list[int]:
+    """Workers the master logged as READY, in order."""
+    import re
+    return [int(m.group(1)) for m in re.finditer(r"worker (\d+) \(generation \d+, #\d+\) is READY",
+                                                 master.log())]
+
+
+def test_concurrent_worker_commands_all_answered(master_factory, http_backend):
+    """Several requests in flight on one worker's control channel: each gets its
+    own reply (a reply that found its request forgotten waited the 5-s timeout
+    and answered 'did not answer')."""
+    backend = http_backend("a")
+    master = master_factory(http_config(free_port(), [backend.address]))
+    pid = master.workers()[0]
+    answers: list[str] = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        answer = master.ctl("@1 show info")
+        with lock:
+            answers.append(answer)
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 16
+    lost = [a for a in answers if f"Pid: {pid}" not in a]
+    assert lost == [], lost[:3]
+
+
+def test_first_start_ready_worker_dying_is_restarted(master_factory, notify_socket, http_backend,
+                                                     tmp_path):
+    """First start, 2 workers: one is READY (and serving) and dies while the other
+    is still INIT. That is a crash of a current worker, not a failed start."""
+    backend = http_backend("a")
+    port = free_port()
+    slow = worker_fault(tmp_path, "slow-start", "3")
+    master = master_factory(http_config(port, [backend.address], workers=2), wait_ready=False)
+    ready = wait_for(lambda: log_ready_pids(master), what="one worker READY")
+    assert slow.exists() is False
+    os.kill(ready[0], signal.SIGKILL)
+    notify_socket.wait("READY", "1", timeout=20)
+    assert master.process.poll() is None, master.log()
+    workers = master.workers()
+    assert len(workers) == 2 and ready[0] not in workers
+    assert http_get(port)[0] == 200
+    assert "exited before it was READY" not in master.log()
+
+
+def test_restart_racing_a_reload_leaves_no_stale_worker(master_factory, http_backend, tmp_path):
+    """A current worker dies while a reload runs, and the reload finishes while its
+    replacement is being prepared (here: the runtime state is read from a worker
+    that does not answer). The replacement must not be started for the
+    superseded generation: nothing would ever signal it."""
+    backend = http_backend("a")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address], workers=2, ready_timeout="30s"))
+    first, second = master.workers()
+    slow = worker_fault(tmp_path, "slow-start", "2")
+    result: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("r", master.reload()))
+    thread.start()
+    wait_for(lambda: not slow.exists(), what="the new generation to be started (one slowed)")
+    # The runtime state for a replacement is read from a current worker: make
+    # that read hang past the end of the reload.
+    os.kill(first, signal.SIGSTOP)
+    try:
+        os.kill(second, signal.SIGKILL)
+        thread.join(30)
+        assert result["r"].startswith("Success=1"), result
+        new = set(master.workers())
+    finally:
+        os.kill(first, signal.SIGCONT)
+    assert len(new) == 2 and not new & {first, second}
+    # Every worker but the new generation leaves (first was soft-stopped while stopped).
+    wait_for(lambda: {p.pid for p in master.show_proc() if p.kind == "worker"} == new,
+             timeout=15, what="only the new generation left")
+    time.sleep(6)  # past the 5-s state read: nothing may be started for generation 1 then
+    assert {p.pid for p in master.show_proc() if p.kind == "worker"} == new, master.ctl("show proc")
+
+
+def _limit_fds(pid: int, spare: int) -> tuple[int, int]:
+    """Let ``pid`` open only ``spare`` more file descriptors; returns the old limit."""
+    import resource
+    used = len(os.listdir(f"/proc/{pid}/fd"))
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (used + spare, old[1]))
+    return old
+
+
+def test_spawn_failure_fails_the_reload_cleanly(master_factory, notify_socket, http_backend):
+    """EMFILE while starting the new generation (the master is out of file
+    descriptors): the reload fails like any other, READY=1 follows RELOADING=1,
+    the reload is not counted, the listener it added is closed."""
+    import resource
+    backend = http_backend("a")
+    port, extra = free_port(), free_port()
+    master = master_factory(http_config(port, [backend.address]))
+    workers = master.workers()
+    master.write_config(http_config(port, [backend.address]).replace(
+        f'bind: ["127.0.0.1:{port}"]', f'bind: ["127.0.0.1:{port}", "127.0.0.1:{extra}"]'))
+    mark = len(notify_socket.snapshot())
+    # One fd for reading the config (then closed), one for the new listener:
+    # the socketpair for the first new worker cannot be made.
+    old = _limit_fds(master.pid, 2)
+    try:
+        os.kill(master.pid, signal.SIGHUP)  # not the CLI: accepting it would take an fd
+        notify_socket.wait("RELOADING", "1", after=mark)
+        ready = notify_socket.wait("READY", "1", after=mark, timeout=15)
+    finally:
+        resource.prlimit(master.pid, resource.RLIMIT_NOFILE, old)
+    assert ready["STATUS"].startswith("Reload failed"), ready
+    assert "[failed: 1]" in master.ctl("show proc")
+    assert master.workers() == workers
+    assert {p.pid: p.reloads for p in master.show_proc()}[workers[0]] == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", extra), timeout=2).close()
+    assert http_get(port)[0] == 200
+    assert master.reload().startswith("Success=1")
+    assert http_get(extra)[0] == 200
