@@ -201,6 +201,8 @@ class WorkerChannel(messages.Channel):
         super().__init__()
         self.master = master
         self.worker = worker
+        # Done at EOF: everything the worker wrote, its last counters too, is read.
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def text_received(self, line: str) -> None:
         self.master.post(WorkerSaid(self.worker, line))
@@ -219,6 +221,8 @@ class WorkerChannel(messages.Channel):
 
     def closed(self) -> None:
         self.master.counters.retire(self.worker.pid)
+        if not self.gone.done():
+            self.gone.set_result(None)
 
 
 class Master:
@@ -230,6 +234,7 @@ class Master:
         self.socket_path = socket_path
         self._load_config = load
         self.processes: list[Worker] = []
+        self.exited: list[Worker] = []     # reaped, their channel not read to the end yet
         self.listeners: dict[Address, socket.socket] = {}
         self.generation = 0            # the current generation (last that became READY)
         self.last_generation = 0       # the newest generation started, READY or not
@@ -572,9 +577,10 @@ class Master:
             log.info("child %d exited (%s)", pid, describe_status(status))
             return
         self.processes.remove(worker)
-        if worker.control is not None:
+        if worker.control is not None and not worker.control.gone.done():
             # Not closed now: its last counters may still be unread on it.
-            asyncio.get_running_loop().call_later(CHANNEL_LINGER, worker.control.close)
+            self.exited.append(worker)
+            asyncio.get_running_loop().call_later(CHANNEL_LINGER, self._forget, worker)
         expected = bool(worker.signals_sent) or worker.state is WorkerState.LEAVING
         level = logging.INFO if expected or status == 0 else logging.ERROR
         log.log(level, "%s exited (%s)", worker.describe(), describe_status(status),
@@ -586,6 +592,11 @@ class Master:
         if worker.generation == self.generation and \
                 time.monotonic() - worker.started_at > RESTART_BACKOFF_RESET_AFTER:
             self._restart_backoff.pop(worker.index, None)
+
+    def _forget(self, worker: Worker) -> None:
+        self.exited.remove(worker)
+        if worker.control is not None:
+            worker.control.close()
 
     # --- first start ----------------------------------------------------------
 
@@ -774,6 +785,12 @@ class Master:
         Every live worker that served is asked: the current generation and
         the old ones still finishing their connections.
         """
+        # A worker just reaped may have its last counters still unread on its
+        # channel: wait for them, or they would be missing from this answer.
+        lingering = [w.control.gone for w in self.exited if w.control is not None
+                     and not w.control.gone.done()]
+        if lingering:
+            await asyncio.wait(lingering, timeout=COUNTERS_TIMEOUT)
         workers = [w for w in self.processes if w.state is not WorkerState.INIT
                    and w.control is not None]
         answers = await asyncio.gather(*(w.ask("_counters", COUNTERS_TIMEOUT) for w in workers),

@@ -136,6 +136,7 @@ class _NamedHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         server = self.server
+        server.hits += 1  # type: ignore[attr-defined]
         if server.delay:  # type: ignore[attr-defined]
             time.sleep(server.delay)  # type: ignore[attr-defined]
         body = f"{server.name} {self.path} xff={self.headers.get('X-Forwarded-For', '-')}\n".encode()  # type: ignore[attr-defined]
@@ -169,6 +170,7 @@ def http_backend() -> Iterator[Callable[..., Backend]]:
         server.daemon_threads = True
         server.name = name  # type: ignore[attr-defined]
         server.delay = delay  # type: ignore[attr-defined]
+        server.hits = 0  # type: ignore[attr-defined]  # requests received, answered or not
         threading.Thread(target=server.serve_forever, daemon=True).start()
         backend = Backend(name, server.server_address[1], server)
         started.append(backend)

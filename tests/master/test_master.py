@@ -776,3 +776,68 @@ def test_spawn_failure_fails_the_reload_cleanly(master_factory, notify_socket, h
     assert http_get(port)[0] == 200
     assert master.reload().startswith("Success=1")
     assert http_get(extra)[0] == 200
+
+
+# --- counters across reloads (issue 8) ---------------------------------------------------
+
+
+def stats_totals(stats_port: int) -> tuple[int, int, int]:
+    """(Prometheus requests total, CSV req_tot, CSV hrsp_2xx) of frontend "web"."""
+    import re
+    status, metrics = http_get(stats_port, "/metrics")
+    assert status == 200
+    prometheus = int(re.search(r'^hapymaster_frontend_http_requests_total\{proxy="web"\} (\d+)$',
+                               metrics, re.M).group(1))
+    status, csv = http_get(stats_port, "/;csv")
+    assert status == 200
+    header = csv.splitlines()[0].lstrip("# ").split(",")
+    row = next(dict(zip(header, line.split(","))) for line in csv.splitlines()
+               if line.startswith("web,FRONTEND,"))
+    return prometheus, int(row["req_tot"]), int(row["hrsp_2xx"])
+
+
+def test_counters_continue_across_reloads(master_factory, http_backend):
+    """Totals run on across reloads: what every generation served is counted,
+    including a request an old, soft-stopping worker finishes after the reload,
+    and no scrape ever shows less than the one before."""
+    fast, slow = http_backend("fast"), http_backend("slow", delay=1.0)
+    port, stats = free_port(), free_port()
+    config = http_config(port, [fast.address], workers=2,
+                         extra_global=f'  stats: {{bind: "127.0.0.1:{stats}"}}')
+    config = config.replace("    default_backend: app\n",
+                            "    default_backend: app\n"
+                            "    routes: [{path_prefix: /slow, backend: slow}]\n")
+    config += f'  - name: slow\n    servers:\n      - {{name: z1, address: "{slow.address}"}}\n'
+    master = master_factory(config)
+    made = 0
+    history: list[tuple[int, int, int]] = []
+
+    def scrape() -> tuple[int, int, int]:
+        totals = stats_totals(stats)
+        assert not history or all(a >= b for a, b in zip(totals, history[-1])), (totals, history)
+        history.append(totals)
+        return totals
+
+    for _ in range(3):
+        for _ in range(4):
+            assert http_get(port)[0] == 200
+            made += 1
+        assert scrape() == (made, made, made)
+        # A request held by the current generation across the reload.
+        hits = slow.server.hits
+        held: dict[str, tuple[int, str]] = {}
+        request = threading.Thread(target=lambda: held.setdefault("r", http_get(port, "/slow")))
+        request.start()
+        wait_for(lambda: slow.server.hits > hits, what="the slow request at its server")
+        old = master.workers()
+        assert master.reload().startswith("Success=1")
+        for _ in range(3):               # the new generation serves too
+            assert http_get(port)[0] == 200
+            made += 1
+        assert scrape() == (made, made, made)   # the slow one is not finished: not counted yet
+        request.join(15)
+        assert held["r"][0] == 200 and held["r"][1].startswith("slow")
+        made += 1
+        wait_for(lambda: not any(pid_alive(p) for p in old), what="the old generation gone")
+        assert scrape() == (made, made, made)
+    assert len(history) == 9
