@@ -3,7 +3,8 @@ runtime state a worker hands to the next generation.
 
 Answers are text, newline-terminated; a successful change answers an empty
 line, like HAProxy's CLI. ``_state`` and ``_counters`` are hidden commands
-for the master and for the stats summed across workers.
+for the master: the state handed to the next generation, and this worker's
+counters, which the master sums across workers and reloads for the stats.
 """
 
 from __future__ import annotations
