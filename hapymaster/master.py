@@ -209,15 +209,22 @@ class WorkerChannel(messages.Channel):
 
     def message_received(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if kind == messages.COUNTERS:
-            asyncio.ensure_future(self._answer_counters(message))
+        if kind == messages.GATHER:
+            asyncio.ensure_future(self._answer_gather(message))
         elif kind == messages.FINAL:
             self.master.counters.seen(self.worker.pid, message.get("counters"))
         else:
             super().message_received(message)
 
-    async def _answer_counters(self, message: dict[str, Any]) -> None:
-        self.reply(message, await self.master.counter_totals())
+    async def _answer_gather(self, message: dict[str, Any]) -> None:
+        """``gather _counters``: one part, already the sum of every worker ever."""
+        outputs = []
+        if message.get("command") == "_counters":
+            outputs.append(json.dumps(await self.master.counter_totals(), separators=(",", ":")))
+        else:
+            log.warning("%s asked to gather %r: only _counters is gathered",
+                        self.worker.describe(), str(message.get("command"))[:80])
+        self.reply(message, outputs)
 
     def closed(self) -> None:
         self.master.counters.retire(self.worker.pid)

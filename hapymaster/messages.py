@@ -7,24 +7,30 @@ worker gets the other end at birth. On it, newline-delimited, both ways:
   the worker's event loop runs; believed only on this socketpair);
 - JSON objects with a ``type``:
 
-  ====================  ================  =====================================
-  type                  direction         meaning
-  ====================  ================  =====================================
-  ``boot``              master → worker   the first line: generation, index,
-                                          config text, listener fds, state
-  ``cli``               master → worker   request: run a worker CLI command
-  ``counters``          worker → master   request: the counters of every live
-                                          worker plus those of the workers gone
-  ``final``             worker → master   the worker's last counters, sent as it
-                                          exits (no reply)
-  ``reply``             either            the answer to request ``id``
-  ====================  ================  =====================================
+  ==============  ================  ===========================================
+  type            direction         meaning
+  ==============  ================  ===========================================
+  ``boot``        master → worker   the first line: generation, index, config
+                                    text, listener fds, runtime state
+  ``cli``         master → worker   request: run a worker CLI ``command``;
+                                    answered by ``cli_reply`` (``output``)
+  ``gather``      worker → master   request: ``command`` ``_counters`` of
+                                    every worker; answered by ``gathered``
+                                    (``outputs``: JSON texts to merge)
+  ``final``       worker → master   the worker's last ``counters``, sent as it
+                                    exits (no answer)
+  ==============  ================  ===========================================
 
-A request carries an ``id`` chosen by its sender; the answer is a ``reply``
-with that ``id`` and a ``result``. ``Channel`` does this bookkeeping for both
-sides: each request waits on its own id, whatever order the replies come in.
-(The master once removed the *latest* id when any request finished, so with
-two requests in flight one reply was dropped and waited out its timeout.)
+A request carries an ``id`` chosen by its sender; its answer carries the
+same ``id``. ``Channel`` does this bookkeeping for both sides: each request
+waits on its own id, whatever order the answers come in. (The master once
+removed the *latest* id when any request finished, so with two requests in
+flight one answer was dropped and waited out its timeout.)
+
+Kinds and fields, once shipped, keep their names: after a package upgrade
+the postinst reloads, and the master still running the old code starts
+workers running the new code. An older peer ignores a kind it does not know
+(``final`` here), so a new kind must only ever add.
 """
 
 from __future__ import annotations
@@ -40,9 +46,11 @@ READY_LINE = "_send_status READY"
 
 BOOT = "boot"
 CLI = "cli"
-COUNTERS = "counters"
+GATHER = "gather"
 FINAL = "final"
-REPLY = "reply"
+# Request kind -> (its answer's kind, the field that carries the result).
+ANSWERS = {CLI: ("cli_reply", "output"), GATHER: ("gathered", "outputs")}
+_RESULT_FIELD = dict(ANSWERS.values())
 
 # A boot message carries the whole config text: allow big lines.
 MAX_LINE = 16 * 1024 * 1024
@@ -119,10 +127,11 @@ class Channel(asyncio.Protocol):
             return
         if not isinstance(message, dict):
             return
-        if message.get("type") == REPLY:
+        result_field = _RESULT_FIELD.get(message.get("type"))  # type: ignore[arg-type]
+        if result_field is not None:
             future = self._waiting.get(message.get("id"))  # type: ignore[arg-type]
             if future is not None and not future.done():
-                future.set_result(message.get("result"))
+                future.set_result(message.get(result_field))
             return
         self.message_received(message)
 
@@ -152,10 +161,12 @@ class Channel(asyncio.Protocol):
             self.transport.write(encode(message))
 
     def reply(self, request: dict[str, Any], result: Any) -> None:
-        self.send({"type": REPLY, "id": request.get("id"), "result": result})
+        """Answer ``request`` (a ``cli`` or ``gather``) with ``result``."""
+        kind, result_field = ANSWERS[str(request.get("type"))]
+        self.send({"type": kind, "id": request.get("id"), result_field: result})
 
     async def request(self, kind: str, timeout: float, **fields: Any) -> Any:
-        """Send a request and return the ``result`` of its reply.
+        """Send a request (``cli`` or ``gather``) and return the result of its answer.
 
         Raises ConnectionError if the channel is or gets closed, and
         asyncio.TimeoutError if no reply came within ``timeout``.

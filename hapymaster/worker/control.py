@@ -3,8 +3,8 @@
 The messages, their framing and the request/reply bookkeeping are in
 ``hapymaster.messages`` (the master's end uses the same). Here: what the
 worker does with them. It answers ``cli`` requests with its CLI
-(``hapymaster.worker.runtime``), asks the master for the counters of every
-worker (``counters``, for the stats page), sends ``_send_status READY`` once
+(``hapymaster.worker.runtime``), asks the master to gather the counters of
+every worker (for the stats page), sends ``_send_status READY`` once
 just before its event loop runs, and its last counters (``final``) as it
 exits. EOF means the master is gone.
 """
@@ -50,13 +50,13 @@ class ControlChannel(messages.Channel):
             output = f"Internal error: {exc}\n"
         self.reply(message, output)
 
-    async def counters(self, timeout: float = 3.0) -> dict[str, Any] | None:
-        """The counters of every worker, live and gone, from the master; None if it cannot."""
+    async def gather(self, command: str, timeout: float = 3.0) -> list[str] | None:
+        """Ask the master to gather ``command`` (``_counters``); None if it cannot."""
         try:
-            result = await self.request(messages.COUNTERS, timeout)
+            outputs = await self.request(messages.GATHER, timeout, command=command)
         except (ConnectionError, asyncio.TimeoutError):
             return None
-        return result if isinstance(result, dict) else None
+        return [str(o) for o in outputs] if isinstance(outputs, list) else None
 
     def send_final_counters(self) -> None:
         """This worker's last counters, so that nothing it served is lost to the stats."""

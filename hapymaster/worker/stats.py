@@ -2,11 +2,10 @@
 (``/``) and Prometheus text exposition (``/metrics``) on ``global.stats.bind``.
 
 Counters live in each worker (``export_counters``, the hidden ``_counters``
-command). The stats page asks the master for the totals (``counters``
-request): the master asks every live worker, old generations included, and
-adds what the workers gone had counted (``hapymaster.counters``), so the
-totals run on across reloads and never go down. States (UP/DOWN/MAINT) are
-the answering worker's own view.
+command). The stats page asks the master to gather them: the master asks
+every live worker, old generations included, and adds what the workers gone
+had counted (``hapymaster.counters``), so the totals run on across reloads
+and never go down. States (UP/DOWN/MAINT) are the answering worker's own view.
 """
 
 from __future__ import annotations
@@ -72,13 +71,25 @@ def own_counters(worker: "Worker") -> dict[str, Any]:
 async def gathered_counters(worker: "Worker") -> dict[str, Any]:
     """Everything served since the master started: every worker, every generation.
 
-    The master sums (``hapymaster.counters``); if it cannot answer, the page
+    The master answers with one part, already summed (``hapymaster.counters``)
+    and saying how many workers it covers; a master older than that answers
+    with one part per current worker. If it cannot answer at all, the page
     shows this worker's own counters rather than nothing.
     """
-    totals = None
+    outputs = None
     if worker.control is not None:
-        totals = await worker.control.counters()
-    return totals if totals is not None else own_counters(worker)
+        outputs = await worker.control.gather("_counters")
+    parts = []
+    for text in outputs or []:
+        try:
+            parts.append(json.loads(text))
+        except ValueError:
+            continue
+    if not parts:
+        return own_counters(worker)
+    totals = merge(parts)
+    totals["workers"] = sum(int(part.get("workers", 1)) for part in parts)
+    return totals
 
 
 def _rows(worker: "Worker", totals: dict[str, Any]) -> list[dict[str, Any]]:

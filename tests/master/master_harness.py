@@ -137,6 +137,8 @@ class _NamedHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         server = self.server
         server.hits += 1  # type: ignore[attr-defined]
+        if server.gate is not None:  # type: ignore[attr-defined]
+            server.gate.wait(30)  # type: ignore[attr-defined]
         if server.delay:  # type: ignore[attr-defined]
             time.sleep(server.delay)  # type: ignore[attr-defined]
         body = f"{server.name} {self.path} xff={self.headers.get('X-Forwarded-For', '-')}\n".encode()  # type: ignore[attr-defined]
@@ -162,15 +164,17 @@ class Backend:
 
 @pytest.fixture
 def http_backend() -> Iterator[Callable[..., Backend]]:
-    """Start named HTTP backends on 127.0.0.1: ``http_backend("s1", delay=0.5)``."""
+    """Start named HTTP backends on 127.0.0.1: ``http_backend("s1", delay=0.5)``;
+    with ``gate=threading.Event()`` every answer waits until the test sets it."""
     started: list[Backend] = []
 
-    def start(name: str, delay: float = 0.0) -> Backend:
+    def start(name: str, delay: float = 0.0, gate: threading.Event | None = None) -> Backend:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _NamedHandler)
         server.daemon_threads = True
         server.name = name  # type: ignore[attr-defined]
         server.delay = delay  # type: ignore[attr-defined]
         server.hits = 0  # type: ignore[attr-defined]  # requests received, answered or not
+        server.gate = gate  # type: ignore[attr-defined]
         threading.Thread(target=server.serve_forever, daemon=True).start()
         backend = Backend(name, server.server_address[1], server)
         started.append(backend)

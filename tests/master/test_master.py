@@ -800,7 +800,9 @@ def test_counters_continue_across_reloads(master_factory, http_backend):
     """Totals run on across reloads: what every generation served is counted,
     including a request an old, soft-stopping worker finishes after the reload,
     and no scrape ever shows less than the one before."""
-    fast, slow = http_backend("fast"), http_backend("slow", delay=1.0)
+    fast = http_backend("fast")
+    gate = threading.Event()
+    slow = http_backend("slow", gate=gate)
     port, stats = free_port(), free_port()
     config = http_config(port, [fast.address], workers=2,
                          extra_global=f'  stats: {{bind: "127.0.0.1:{stats}"}}')
@@ -824,6 +826,7 @@ def test_counters_continue_across_reloads(master_factory, http_backend):
             made += 1
         assert scrape() == (made, made, made)
         # A request held by the current generation across the reload.
+        gate.clear()
         hits = slow.server.hits
         held: dict[str, tuple[int, str]] = {}
         request = threading.Thread(target=lambda: held.setdefault("r", http_get(port, "/slow")))
@@ -835,6 +838,7 @@ def test_counters_continue_across_reloads(master_factory, http_backend):
             assert http_get(port)[0] == 200
             made += 1
         assert scrape() == (made, made, made)   # the slow one is not finished: not counted yet
+        gate.set()
         request.join(15)
         assert held["r"][0] == 200 and held["r"][1].startswith("slow")
         made += 1

@@ -6,7 +6,7 @@ an echo server that greets with its name. ``run_worker(config_text)`` starts
 ``python -m hapymaster.worker`` exactly as the master does (socketpair,
 inherited pre-bound listeners, boot message) and plays the master's side:
 it waits for ``_send_status READY``, sends CLI commands and answers
-``counters`` with the worker's own counters (and any extra ones a test adds).
+``gather`` with the worker's own output.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 import pytest
-
-from hapymaster.counters import merge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -306,18 +304,16 @@ class WorkerProcess:
                     self.lines.put(line)
                     continue
                 message = json.loads(line)
-                if message["type"] == "reply":
-                    self.replies.setdefault(message["id"], queue.Queue()).put(message["result"])
-                elif message["type"] == "counters":
+                if message["type"] == "cli_reply":
+                    self.replies.setdefault(message["id"], queue.Queue()).put(message["output"])
+                elif message["type"] == "gather":
                     threading.Thread(target=self._gather, args=(message,), daemon=True).start()
 
     def _gather(self, message: dict[str, Any]) -> None:
-        """Answer a ``counters`` request as the master would: every worker's counters merged."""
         self.gathers += 1
-        outputs = [self.cli("_counters")] + list(self.extra_gather_outputs)
-        totals = merge([json.loads(output) for output in outputs])
-        totals["workers"] = len(outputs)
-        self.send({"type": "reply", "id": message["id"], "result": totals})
+        output = self.cli(message["command"])
+        outputs = [output] + list(self.extra_gather_outputs)
+        self.send({"type": "gathered", "id": message["id"], "outputs": outputs})
 
     def send(self, message: dict[str, Any]) -> None:
         self.parent.sendall(json.dumps(message).encode() + b"\n")
