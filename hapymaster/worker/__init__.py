@@ -6,7 +6,7 @@ told to leave. One module per concern:
 
 - ``__main__``  process entry: boot message, privileges, event loop, READY
 - ``process``   the Worker: listeners, maxconn, timeouts sweeper, stopping
-- ``control``   the socketpair to the master (cli, counters, READY)
+- ``control``   the socketpair to the master (cli, gather, READY)
 - ``balance``   backends and servers at runtime: algorithms, queue, counters
 - ``proxy_tcp`` the TCP relay
 - ``proxy_http`` the HTTP/1.1 reverse proxy
