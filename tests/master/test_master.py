@@ -4,6 +4,8 @@ a NOTIFY_SOCKET the test owns, real backends on 127.0.0.1."""
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -656,7 +658,6 @@ def test_ctl_command(master_factory, http_backend):
 
 def log_ready_pids(master) -> list[int]:
     """Workers the master logged as READY, in order."""
-    import re
     return [int(m.group(1)) for m in re.finditer(r"worker (\d+) \(generation \d+, #\d+\) is READY",
                                                  master.log())]
 
@@ -695,7 +696,7 @@ def test_first_start_ready_worker_dying_is_restarted(master_factory, notify_sock
     slow = worker_fault(tmp_path, "slow-start", "3")
     master = master_factory(http_config(port, [backend.address], workers=2), wait_ready=False)
     ready = wait_for(lambda: log_ready_pids(master), what="one worker READY")
-    assert slow.exists() is False
+    assert not slow.exists()      # the other one is still starting
     os.kill(ready[0], signal.SIGKILL)
     notify_socket.wait("READY", "1", timeout=20)
     assert master.process.poll() is None, master.log()
@@ -739,7 +740,6 @@ def test_restart_racing_a_reload_leaves_no_stale_worker(master_factory, http_bac
 
 def _limit_fds(pid: int, spare: int) -> tuple[int, int]:
     """Let ``pid`` open only ``spare`` more file descriptors; returns the old limit."""
-    import resource
     used = len(os.listdir(f"/proc/{pid}/fd"))
     old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (used + spare, old[1]))
@@ -750,7 +750,6 @@ def test_spawn_failure_fails_the_reload_cleanly(master_factory, notify_socket, h
     """EMFILE while starting the new generation (the master is out of file
     descriptors): the reload fails like any other, READY=1 follows RELOADING=1,
     the reload is not counted, the listener it added is closed."""
-    import resource
     backend = http_backend("a")
     port, extra = free_port(), free_port()
     master = master_factory(http_config(port, [backend.address]))
@@ -783,7 +782,6 @@ def test_spawn_failure_fails_the_reload_cleanly(master_factory, notify_socket, h
 
 def stats_totals(stats_port: int) -> tuple[int, int, int]:
     """(Prometheus requests total, CSV req_tot, CSV hrsp_2xx) of frontend "web"."""
-    import re
     status, metrics = http_get(stats_port, "/metrics")
     assert status == 200
     prometheus = int(re.search(r'^hapymaster_frontend_http_requests_total\{proxy="web"\} (\d+)$',
