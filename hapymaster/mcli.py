@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import time
 
 from .master import Master, Worker, WorkerState
@@ -20,6 +21,10 @@ from .master import Master, Worker, WorkerState
 log = logging.getLogger("hapymaster.mcli")
 
 MAX_COMMAND = 64 * 1024
+# A client that connects and sends no complete command within this is dropped:
+# otherwise idle connections would pile up on a socket that can reload the service.
+# It bounds only the wait for the command, not a blocking reload's answer.
+IDLE_TIMEOUT = 10.0
 
 HELP = """\
 The following commands are valid at this level:
@@ -119,15 +124,72 @@ async def execute(master: Master, line: str) -> str:
     return f"Unknown command: {line.strip()[:200]!r}. Try 'help'.\n"
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                        struct.calcsize("3i")))
+    return pid, uid, gid
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+def peer_allowed(sock: socket.socket, path: str) -> tuple[bool, str]:
+    """Is the peer root, the socket file's owner, or in its group?
+
+    The file mode (0600) is the first line of defence; this is the second,
+    for the day someone widens it (a chmod in a deployment script, a 0666
+    umask in a container): the master CLI can reload and reconfigure the
+    service, so it answers only whom the file's owner and group name.
+    """
+    pid, uid, gid = peer_credentials(sock)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return uid == 0 or uid == os.geteuid(), f"pid {pid} uid {uid}"
+    if uid in (0, st.st_uid, os.geteuid()) or gid == st.st_gid \
+            or st.st_gid in _supplementary_groups(pid):
+        return True, ""
+    return False, f"pid {pid} uid {uid} gid {gid}"
+
+
 class CliProtocol(asyncio.Protocol):
     def __init__(self, master: Master):
         self.master = master
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.started = False
+        self.idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        allowed, who = peer_allowed(sock, self.master.socket_path) if sock is not None \
+            else (False, "unknown peer")
+        if not allowed:
+            log.warning("master CLI: refused a connection from %s (not root, not the "
+                        "socket's owner or group)", who)
+            self._reply("Permission denied\n")
+            return
+        self.idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        if not self.started:
+            log.info("master CLI: no command within %gs, closing", IDLE_TIMEOUT)
+            self.started = True
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
 
     def data_received(self, data: bytes) -> None:
         if self.started:
@@ -145,6 +207,8 @@ class CliProtocol(asyncio.Protocol):
 
     def _start(self, raw: bytes) -> None:
         self.started = True
+        if self.idle is not None:
+            self.idle.cancel()
         line = raw.decode("utf-8", "replace").strip()
         asyncio.ensure_future(self._run(line))
 
@@ -158,6 +222,8 @@ class CliProtocol(asyncio.Protocol):
 
     def _reply(self, answer: str) -> None:
         self.started = True
+        if self.idle is not None:
+            self.idle.cancel()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(answer.encode())
             self.transport.close()

@@ -10,8 +10,10 @@ every connection's deadlines instead of arming a timer per connection.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -24,6 +26,39 @@ from hapymaster.worker.balance import BackendState, Counters, build_backends
 log = logging.getLogger("hapymaster.worker")
 
 BACKLOG = 4096
+# Descriptors kept back from the connection budget: listeners, the control
+# channel, health checks, log files, the interpreter's own.
+FD_RESERVE = 64
+# The listening sockets' backlog (the master's listen()): the most one accept
+# batch can take in before a pause at maxconn applies.
+ACCEPT_BATCH_RESERVE = 1024
+# "The worker is full" is logged at most this often (a load at the limit
+# would otherwise log at every accept).
+FULL_LOG_INTERVAL = 60.0
+
+
+def connection_budget(servers: int) -> int:
+    """How many client connections this process's descriptor limit allows; 0: no limit.
+
+    Each client connection may hold two descriptors: its own and one server
+    connection, busy or idle in the pool. HAProxy derives its maxconn from
+    ``ulimit -n`` the same way. Staying under the limit matters because
+    libuv's answer to EMFILE on accept is to accept and close at once every
+    client waiting in the backlog (its "emfile trick"): refused clients
+    instead of waiting ones. Kept back: the descriptors open now, one per
+    server for health checks, a fixed reserve, and room for one accept
+    batch: libuv accepts until the backlog is empty before our pause at
+    maxconn takes effect, and what it accepted meanwhile is held open.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 16
+    batch = min(ACCEPT_BATCH_RESERVE, soft // 8)
+    return max(1, (soft - FD_RESERVE - servers - open_now - batch) // 2)
 
 
 class Listener:
@@ -133,7 +168,11 @@ class Worker:
         self.backends = build_backends(config.backends)
         self.frontends = [FrontendState(self, fe, fid)
                           for fid, fe in enumerate(config.frontends, start=1)]
-        self.maxconn = config.global_.maxconn
+        self.maxconn = self._effective_maxconn(config)
+        self._full_logged_at = -FULL_LOG_INTERVAL
+        self._full_suppressed = 0
+        self._fd_logged_at = -FULL_LOG_INTERVAL
+        self._fd_failures = 0
         self.cur_conns = 0
         self.cum_conns = 0
         self.parked_any = False
@@ -145,6 +184,52 @@ class Worker:
         self.checks: Any = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.tick = self._tick_interval()
+
+    def _effective_maxconn(self, config: Config) -> int:
+        """global.maxconn, lowered to what the descriptor limit can carry."""
+        configured = config.global_.maxconn
+        budget = connection_budget(sum(len(b.servers) for b in config.backends))
+        if not budget or (configured and configured <= budget):
+            return configured
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        level = logging.WARNING if configured else logging.INFO
+        log.log(level, "the file descriptor limit (%d, ulimit -n / LimitNOFILE=) allows %d "
+                "connections per worker: maxconn is %d%s", soft, budget, budget,
+                f" instead of {configured}" if configured else "")
+        return budget
+
+    def note_connect_error(self, exc: OSError) -> None:
+        """A connect to a server failed: say so when it is us, not the server, that is out.
+
+        EMFILE/ENFILE on connect means this worker (or the machine) has no
+        descriptor left; every request then fails with 503 until some close.
+        Logged once a minute at most, with how many failed meanwhile.
+        """
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            return
+        now = self.loop.time()
+        self._fd_failures += 1
+        if now - self._fd_logged_at < FULL_LOG_INTERVAL:
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.error("out of file descriptors (limit %d): cannot connect to servers, %d "
+                  "connect(s) failed; raise LimitNOFILE= or lower maxconn", soft,
+                  self._fd_failures)
+        self._fd_logged_at = now
+        self._fd_failures = 0
+
+    def _note_full(self) -> None:
+        """Log that the worker stopped accepting at its limit; once a minute at most."""
+        now = self.loop.time()
+        if now - self._full_logged_at < FULL_LOG_INTERVAL:
+            self._full_suppressed += 1
+            return
+        more = (f" ({self._full_suppressed} more time(s) since the last message)"
+                if self._full_suppressed else "")
+        log.warning("worker reached maxconn %d: new clients wait in the backlog%s",
+                    self.maxconn, more)
+        self._full_logged_at = now
+        self._full_suppressed = 0
 
     def _tick_interval(self) -> float:
         """A quarter of the smallest timeout, between 10 ms and 500 ms."""
@@ -212,6 +297,8 @@ class Worker:
         self.cur_conns += 1
         if fe.cur > fe.counters.smax:
             fe.counters.smax = fe.cur
+        if self.maxconn and self.cur_conns >= self.maxconn:
+            self._note_full()
         if (fe.maxconn and fe.cur >= fe.maxconn) or (self.maxconn and self.cur_conns >= self.maxconn):
             self._update_accepting(fe)
 

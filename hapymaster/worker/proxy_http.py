@@ -526,6 +526,7 @@ class HttpClient(asyncio.Protocol):
             return
         except OSError as exc:
             self.connect_task = None
+            self.w.note_connect_error(exc)
             self._connect_failed(req, f"{type(exc).__name__}: {exc.strerror or exc}")
             return
         self.connect_task = None

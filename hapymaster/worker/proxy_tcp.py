@@ -105,8 +105,9 @@ class TcpClient(asyncio.Protocol):
                                                          server.port)
         except asyncio.CancelledError:
             return
-        except OSError:
+        except OSError as exc:
             self.connect_task = None
+            self.w.note_connect_error(exc)
             self._connect_failed()
             return
         self.connect_task = None

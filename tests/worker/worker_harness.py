@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import queue
+import resource
 import socket
 import socketserver
 import subprocess
@@ -247,16 +248,21 @@ class WorkerProcess:
     """A worker started the way the master starts one, with the master's side played here."""
 
     def __init__(self, config_text: str, binds: dict[str, socket.socket], state: Any = None,
-                 generation: int = 1, env: dict[str, str] | None = None):
+                 generation: int = 1, env: dict[str, str] | None = None,
+                 nofile: int | None = None):
         self.config_text = config_text
         self.binds = binds
         self.parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [child.fileno()] + [s.fileno() for s in binds.values()]
         environment = dict(os.environ, HAPYMASTER_CONTROL_FD=str(child.fileno()))
         environment.update(env or {})
+        def limit_fds() -> None:  # ``ulimit -n``, as a unit's LimitNOFILE= sets it
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE,
+                                   (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         self.proc = subprocess.Popen([sys.executable, "-m", "hapymaster.worker"], pass_fds=fds,
                                      env=environment, stdin=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, cwd=ROOT)
+                                     stderr=subprocess.PIPE, cwd=ROOT, preexec_fn=limit_fds)
         child.close()
         self.stderr_lines: list[str] = []
         self._stderr_thread = threading.Thread(target=self._read_stderr, daemon=True)
@@ -383,8 +389,9 @@ def run_worker(bind: Binder) -> Callable[..., WorkerProcess]:
     started: list[WorkerProcess] = []
 
     def start(config_text: str, state: Any = None, ready: bool = True,
-              generation: int = 1) -> WorkerProcess:
-        worker = WorkerProcess(config_text, bind.for_worker(), state=state, generation=generation)
+              generation: int = 1, nofile: int | None = None) -> WorkerProcess:
+        worker = WorkerProcess(config_text, bind.for_worker(), state=state, generation=generation,
+                               nofile=nofile)
         started.append(worker)
         if ready:
             worker.wait_ready()
