@@ -20,6 +20,8 @@ except ImportError:  # pragma: no cover - systemd-python is a hard dependency
 
 log = logging.getLogger("hapymaster")
 
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
 # What systemd hands the main process only. A worker that inherited
 # NOTIFY_SOCKET could send READY=1 on the master's behalf (NotifyAccess=main
 # would drop it, but under NotifyAccess=all it would lie); LISTEN_* would make
@@ -73,7 +75,7 @@ class _StderrFormatter(logging.Formatter):
         return text
 
 
-def _under_journald() -> bool:
+def under_journald() -> bool:
     """True when stderr is the journal stream systemd connected us to."""
     stream = os.environ.get("JOURNAL_STREAM", "")
     if not stream or _journal is None:
@@ -100,8 +102,8 @@ def setup_logging(role: str, generation: int | None = None, level: int = logging
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler: logging.Handler
-    use_journal = _under_journald() or (
-        journal is True and _journal is not None and os.path.exists("/run/systemd/journal/socket"))
+    use_journal = under_journald() or (
+        journal is True and _journal is not None and os.path.exists(JOURNAL_SOCKET))
     if use_journal:
         fields = {"SYSLOG_IDENTIFIER": "hapymaster", "HAPYMASTER_ROLE": role,
                   "HAPYMASTER_PID": str(os.getpid())}
