@@ -166,6 +166,90 @@ def bench_total(loop, sink, n: int, batch: int) -> float:
     return (best_on - best_off) / (rounds * batch) * 1e6
 
 
+# --- the whole request, in-process ------------------------------------------------
+
+# What wrk sends and what nginx answers in bench/run's http-keepalive scenario.
+WRK_REQUEST = b"GET /small HTTP/1.1\r\nHost: 127.0.0.1:18080\r\n\r\n"
+NGINX_ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 14:00:00 GMT\r\n"
+                b"Content-Type: text/plain\r\nContent-Length: 90\r\nConnection: keep-alive\r\n"
+                b"\r\n" + b"x" * 89 + b"\n")
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.closing = False
+
+    def write(self, data) -> None:
+        pass
+
+    def writelines(self, data) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closing = True
+
+
+HARNESS_CONFIG = """
+frontends:
+  - name: web
+    bind: ["127.0.0.1:18080"]
+    default_backend: app
+    access_log: %s
+backends:
+  - name: app
+    servers: [{name: s1, address: "127.0.0.1:18081"}]
+"""
+
+
+def bench_harness(loop, sink, access_log_on: bool, n: int, per_iteration: int) -> float:
+    """us of CPU per keep-alive request: HttpClient + HttpServer on fake transports."""
+    from hapymaster.config import parse_config
+    from hapymaster.worker.process import Worker
+    from hapymaster.worker.proxy_http import HttpServer
+
+    config = parse_config(HARNESS_CONFIG % ("true" if access_log_on else "false"), "bench")
+    log = AccessLog(loop, sink)
+    worker = Worker(config, loop, 1, access_log=log)
+    fe = worker.frontends[0]
+    server = worker.backends["app"].servers[0]
+    client = HttpClient(worker, fe)
+    client.connection_made(FakeTransport())
+    conn = HttpServer(worker, server)
+    conn.connection_made(FakeTransport())
+    conn.make_idle(server)
+    rounds = n // per_iteration
+
+    async def run() -> float:
+        start = time.thread_time()
+        for _ in range(rounds):
+            for _ in range(per_iteration):
+                client.data_received(WRK_REQUEST)
+                server_conn = client.srv
+                server_conn.data_received(NGINX_ANSWER)
+            await asyncio.sleep(0)
+        return time.thread_time() - start
+
+    best = min(loop.run_until_complete(run()) for _ in range(5))
+    assert fe.counters.req_tot == 5 * rounds * per_iteration, fe.counters.req_tot
+    assert not log.records and log.dropped == 0
+    return best / (rounds * per_iteration) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=200000)
@@ -183,6 +267,12 @@ def main() -> None:
     for batch in (1, 10, 50):
         print(f"total, stderr sink, batch of {batch:3d}:            "
               f"{bench_total(loop, stderr_sink, args.n, batch):6.2f}")
+
+    for per_iteration in (1, 10):
+        off = bench_harness(loop, stderr_sink, False, args.n // 2, per_iteration)
+        on = bench_harness(loop, stderr_sink, True, args.n // 2, per_iteration)
+        print(f"harness, keep-alive request, {per_iteration:2d} per iteration: access log off "
+              f"{off:5.2f}, on (stderr sink) {on:5.2f}")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "journal.sock")

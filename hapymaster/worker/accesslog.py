@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import socket
 import stat
 import struct
@@ -45,13 +46,13 @@ BATCH_MAX = 256
 # controls, DEL and above, '"' and '#'): a log line stays one printable line
 # whatever the client sent.
 _ESCAPED = bytes(range(0, 32)) + b'"#' + bytes(range(127, 256))
-_PLAIN = bytes(b for b in range(256) if b not in _ESCAPED)
+_NEEDS_ESCAPE = re.compile(rb'[\x00-\x1f"#\x7f-\xff]').search
 _ESCAPE_TABLE = ["#%02X" % b if b in _ESCAPED else chr(b) for b in range(256)]
 
-# Errors that mean "the sink cannot take this now or at all": drop, count, go on.
-_DROP_ERRNOS = frozenset((errno.EAGAIN, errno.ENOBUFS, errno.ENOSPC, errno.EDQUOT,
-                          errno.EPIPE, errno.ECONNREFUSED, errno.ENOENT, errno.EMSGSIZE,
-                          errno.ENOTCONN, errno.EIO, errno.EFBIG, errno.EDESTADDRREQ))
+# A pipe write up to this size is never interleaved with another writer's
+# (several workers, the master, share one stderr pipe): batches are cut at
+# line ends to stay under it.
+PIPE_BUF = 4096
 
 _SEVERITY_INFO = 6
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -59,7 +60,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 def escape(data: bytes) -> str:
     """``data`` as it may appear in a log line: #XX for what HAProxy escapes."""
-    if not data.translate(None, _PLAIN):
+    if not _NEEDS_ESCAPE(data):
         return data.decode("ascii")
     table = _ESCAPE_TABLE
     return "".join([table[b] for b in data])
@@ -91,10 +92,13 @@ class _Stamp:
 
 
 class Sink:
-    """Where formatted entries go. ``send`` returns how many it had to drop."""
+    """Where formatted entries go.
+
+    ``render`` turns a batch's lines into what ``send`` takes; ``send``
+    never blocks and returns how many lines it had to drop, and why.
+    """
 
     name = "?"
-    fileno = -1
 
     def render(self, records: list[tuple[Any, ...]], lines: list[str], wall: float) -> Any:
         raise NotImplementedError
@@ -110,11 +114,17 @@ class StreamSink(Sink):
     """stderr or a file: the batch's lines in one write, dropped when it would block."""
 
     def __init__(self, fd: int, name: str, role_label: str, check_path: str | None = None):
-        self.fd = self.fileno = fd
+        self.fd = fd
         self.name = name
         self.check_path = check_path
         self._checked = 0
         self.stamp = _Stamp()
+        # A regular file takes any write whole; a pipe only up to PIPE_BUF.
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            regular = False
+        self.piece = 1 << 62 if regular else PIPE_BUF
         # The format of sdnotify's stderr lines, so that a log read by eye
         # (or by a test) looks the same as before.
         self.middle = f" hapymaster[{os.getpid()}] {role_label} info: "
@@ -130,21 +140,29 @@ class StreamSink(Sink):
     def send(self, data: bytes) -> tuple[int, OSError | None]:
         if self.check_path is not None:
             self._reopen_if_moved()
-        try:
-            written = os.write(self.fd, data)
-        except OSError as exc:
-            if exc.errno not in _DROP_ERRNOS:
-                raise
-            lost = data.count(b"\n") - self.carry.count(b"\n")
-            return lost, exc
+        carried = len(self.carry)
+        view = memoryview(data)
+        pos, size, piece = 0, len(data), self.piece
+        while pos < size:
+            end = size
+            if end - pos > piece:
+                cut = data.rfind(b"\n", pos, pos + piece)
+                end = cut + 1 if cut >= 0 else data.find(b"\n", pos + piece) + 1
+            try:
+                pos += os.write(self.fd, view[pos:end])
+            except OSError as exc:
+                if pos == 0 and carried:
+                    return data.count(b"\n", carried), exc      # the carry waits
+                self.carry = b""
+                return data.count(b"\n", pos), exc
+            if pos < end:
+                # Cut inside a line: keep the rest of that line for next time,
+                # drop the whole lines after it.
+                line_end = data.find(b"\n", pos) + 1
+                self.carry = data[pos:line_end]
+                return data.count(b"\n", line_end), OSError(errno.EAGAIN, "partial write")
         self.carry = b""
-        if written == len(data):
-            return 0, None
-        end = data.find(b"\n", written)
-        self.carry = data[written:end + 1]
-        # Whole lines that did not go: the ones after the carried remainder.
-        lost = data.count(b"\n", end + 1)
-        return lost, OSError(errno.EAGAIN, "partial write")
+        return 0, None
 
     def _reopen_if_moved(self) -> None:
         # logrotate's default (rename, then create) leaves us writing to the
@@ -166,10 +184,12 @@ class StreamSink(Sink):
             log.warning("access log: cannot reopen %s: %s", self.check_path, exc.strerror)
             return
         os.close(self.fd)
-        self.fd = self.fileno = fd
+        self.fd = fd
         self.carry = b""
 
     def close(self) -> None:
+        if self.carry:
+            self.send(b"")      # the end of a line a partial write cut, if it goes now
         if self.fd > 2:
             os.close(self.fd)
             self.fd = -1
@@ -183,7 +203,11 @@ class JournalSink(Sink):
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
-        self.fileno = self.sock.fileno()
+        try:
+            # As sd_journal_send does: room for a burst while journald catches up.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        except OSError:
+            pass
         self.fixed = b"".join(journal_field(k.encode(), v.encode()) for k, v in fixed.items())
 
     def render(self, records: list[tuple[Any, ...]], lines: list[str], wall: float
@@ -207,9 +231,7 @@ class JournalSink(Sink):
         for datagram in datagrams:
             try:
                 sendto(datagram, path)
-            except OSError as exc:
-                if exc.errno not in _DROP_ERRNOS:
-                    raise
+            except OSError as exc:      # EAGAIN, ENOBUFS, ECONNREFUSED, ENOENT...
                 lost += 1
                 error = exc
         return lost, error
@@ -237,7 +259,6 @@ class SyslogSink(Sink):
                 host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
             self.sock = socket.socket(family, kind, proto)
         self.sock.setblocking(False)
-        self.fileno = self.sock.fileno()
         self._second = -1
         self._stamp = ""
 
@@ -272,9 +293,7 @@ class SyslogSink(Sink):
         for datagram in datagrams:
             try:
                 sendto(datagram, target)
-            except OSError as exc:
-                if exc.errno not in _DROP_ERRNOS:
-                    raise
+            except OSError as exc:      # EAGAIN, ENOBUFS, ECONNREFUSED, ENOENT...
                 lost += 1
                 error = exc
         return lost, error
@@ -437,11 +456,7 @@ class AccessLog:
         wall = time.time()
         lines = self.format(records, wall)
         sink = self.sink
-        try:
-            lost, error = sink.send(sink.render(records, lines, wall))
-        except OSError as exc:
-            # Not a "later": a sink that is gone for good. Say it once, count.
-            lost, error = len(lines), exc
+        lost, error = sink.send(sink.render(records, lines, wall))
         if lost:
             self.dropped += lost
             if not self.dropping:
@@ -462,7 +477,7 @@ class AccessLog:
         offset = wall - self.loop.time()
         day_second, day = self._day_second, self._day
         methods = self._methods
-        plain = _PLAIN
+        needs_escape = _NEEDS_ESCAPE
         lines = []
         append = lines.append
         for r in records:
@@ -487,7 +502,7 @@ class AccessLog:
                            -1 if t_resp < 0 or t_conn < 0 else (t_resp - t_conn) * 1000,
                            (t_end - t0) * 1000, status or -1, bytes_out, term, actconn, feconn,
                            beconn, srvconn, retries, queue, shown,
-                           escape(url) if url.translate(None, plain) else url.decode("ascii"),
+                           escape(url) if needs_escape(url) else url.decode("ascii"),
                            version))
             else:
                 (fe, ip, port, backend, server, accepted, t0, t_queue, t_conn, t_end,

@@ -546,3 +546,30 @@ def test_worker_file_target_gets_http_and_tcp_lines(backend, tcp_backend, bind, 
     assert re.search(r'\] web app/a .* 200 .*"GET /to-file HTTP/1\.1"$', http_line), http_line
     assert re.search(rf"127\.0\.0\.1:\d+ \[{DATE}\] raw echo/e1 \d+/\d+/\d+ \d+ -- ", tcp_line), \
         tcp_line
+
+
+def test_pipe_batches_are_cut_at_line_ends_under_pipe_buf(monkeypatch):
+    # Several workers share one stderr pipe: a write up to PIPE_BUF is never
+    # interleaved with theirs, so a big batch goes as several such writes.
+    from hapymaster.worker import accesslog
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def spy(fd, data):
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(accesslog.os, "write", spy)
+    log = AccessLog(FixedLoop(), StreamSink(writer, "pipe", "worker"))
+    try:
+        for i in range(100):
+            log.http(*http_record(url=b"/%d" % i))
+        log.flush()
+        assert len(writes) > 1 and log.dropped == 0
+        assert all(len(w) <= accesslog.PIPE_BUF and w.endswith(b"\n") for w in writes)
+        assert read_all(reader).count(b"\n") == 100
+    finally:
+        os.close(reader)
+        os.close(writer)
