@@ -573,3 +573,38 @@ def test_pipe_batches_are_cut_at_line_ends_under_pipe_buf(monkeypatch):
     finally:
         os.close(reader)
         os.close(writer)
+
+
+def test_stderr_target_never_blocks_and_leaves_fd_2_alone(tmp_path):
+    # A process whose stderr is a small pipe nobody reads: lines are dropped,
+    # and fd 2 itself stays blocking for everything else that writes to it
+    # (the master shares that open file).
+    import subprocess
+    import sys
+    script = (
+        "import os, sys\n"
+        "from hapymaster.config import AccessLogTarget\n"
+        "from hapymaster.worker.accesslog import AccessLog, open_sink\n"
+        "class Loop:\n"
+        "    def time(self): return 1000.0\n"
+        "    def call_soon(self, cb): pass\n"
+        "log = AccessLog(Loop(), open_sink(AccessLogTarget(target='stderr'), 2))\n"
+        "for i in range(400):\n"
+        "    log.http('web', '192.0.2.1', 1, 'app', 's1', 1000.0, 1000.0, 1000.0, 1000.0,\n"
+        "             1000.0, 1000.0, 200, 10, '--', 1, 1, 1, 1, 0, 0, b'GET', b'/x', '1.1')\n"
+        "    log.flush()\n"
+        "print(log.dropped, os.get_blocking(2), flush=True)\n")
+    reader, writer = os.pipe()
+    fcntl.fcntl(writer, F_SETPIPE_SZ, 4096)
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=writer, timeout=30, cwd=os.path.dirname(os.path.dirname(
+                                  os.path.dirname(os.path.abspath(__file__)))))
+    finally:
+        os.close(writer)
+    try:
+        dropped, blocking = proc.stdout.decode().split()
+        assert int(dropped) > 300 and blocking == "True", proc.stdout
+        assert b"worker[gen 2] info: 192.0.2.1:1 [" in os.read(reader, 4096)
+    finally:
+        os.close(reader)
