@@ -250,6 +250,45 @@ def bench_harness(loop, sink, access_log_on: bool, n: int, per_iteration: int) -
     return best / (rounds * per_iteration) * 1e6
 
 
+def bench_alternatives(n: int) -> None:
+    """The ways of building the line that were tried (format() uses the first)."""
+    ip, port, day, ms, fe, be, srv = "127.0.0.1", 51234, "02/Dec/2026:14:15:00", 123.4, "web", \
+        "app", "s1"
+    t0, th, tq, tc, tr, te = 1000.0, 1000.0001, 1000.0001, 1000.0002, 1000.0005, 1000.0006
+    status, out, term, ac, fc, bc, sc, rc, q = 200, 312, "--", 5, 5, 3, 2, 0, 0
+    method, url, version = "GET", "/small", "1.1"
+    segments: dict[tuple[str, str, str], str] = {}
+
+    def percent() -> str:
+        return ('%s:%d [%s.%03d] %s %s/%s %d/%d/%d/%d/%d %d %d - - %s-- %d/%d/%d/%d/%d 0/%d '
+                '"%s %s HTTP/%s"' % (
+                    ip, port, day, ms, fe, be, srv, (th - t0) * 1000, (tq - th) * 1000,
+                    (tc - tq) * 1000, (tr - tc) * 1000, (te - t0) * 1000, status, out, term, ac,
+                    fc, bc, sc, rc, q, method, url, version))
+
+    def fstring() -> str:
+        return (f'{ip}:{port} [{day}.{int(ms):03d}] {fe} {be}/{srv} {int((th - t0) * 1000)}/'
+                f'{int((tq - th) * 1000)}/{int((tc - tq) * 1000)}/{int((tr - tc) * 1000)}/'
+                f'{int((te - t0) * 1000)} {status} {out} - - {term}-- {ac}/{fc}/{bc}/{sc}/{rc} '
+                f'0/{q} "{method} {url} HTTP/{version}"')
+
+    def prefix() -> str:
+        key = (fe, be, srv)
+        names = segments.get(key)
+        if names is None:
+            names = segments[key] = "%s %s/%s" % key
+        return ('%s:%d [%s.%03d] %s %d/%d/%d/%d/%d %d %d - - %s-- %d/%d/%d/%d/%d 0/%d '
+                '"%s %s HTTP/%s"' % (
+                    ip, port, day, ms, names, (th - t0) * 1000, (tq - th) * 1000,
+                    (tc - tq) * 1000, (tr - tc) * 1000, (te - t0) * 1000, status, out, term, ac,
+                    fc, bc, sc, rc, q, method, url, version))
+
+    assert percent() == fstring() == prefix(), (percent(), fstring(), prefix())
+    for name, fn in (("%-format", percent), ("f-string", fstring),
+                     ("%-format, cached frontend backend/server", prefix)):
+        print(f"line alone, {name:40s} {per_call(fn, n):6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=200000)
@@ -258,6 +297,7 @@ def main() -> None:
     asyncio.set_event_loop(loop)
     print(f"python {sys.version.split()[0]}, {'uvloop' if uvloop else 'asyncio'}, "
           f"n={args.n}, best of runs, us per record")
+    bench_alternatives(args.n)
     print(f"before (f-string + logging, stderr handler):  {bench_before(loop, args.n // 4):6.2f}")
 
     null_fd = os.open(os.devnull, os.O_WRONLY)

@@ -144,9 +144,17 @@ def test_no_header_value_or_body_reaches_the_line():
 # --- batching ----------------------------------------------------------------------
 
 
-def test_one_write_per_loop_iteration():
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_one_write_per_loop_iteration(kind):
     sink = ListSink()
-    loop = asyncio.new_event_loop()
+    loop = new_loop(kind)
     try:
         log = AccessLog(loop, sink)
 
