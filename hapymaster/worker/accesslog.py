@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 from hapymaster.config import SYSLOG_FACILITIES, AccessLogTarget
-from hapymaster.sdnotify import JOURNAL_SOCKET, under_journald
+from hapymaster.sdnotify import JOURNAL_SOCKET, nonblocking_stderr, under_journald
 
 log = logging.getLogger("hapymaster.worker")
 
@@ -309,32 +309,6 @@ def open_log_file(path: str) -> int:
                    0o640)
 
 
-def _nonblocking_stderr() -> int:
-    """A descriptor for stderr on which a write never blocks.
-
-    Setting O_NONBLOCK on fd 2 itself would change it for the master and for
-    every ``logging`` handler sharing that open file (they would then fail
-    with EAGAIN instead of waiting). A pipe or a terminal opened again
-    through /proc is a new open file of its own; a regular file never blocks.
-    """
-    try:
-        mode = os.fstat(2).st_mode
-    except OSError:
-        return 2
-    if stat.S_ISREG(mode):
-        return 2
-    try:
-        return os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        # A socket (a journal stream not detected as one) cannot be reopened:
-        # a non-blocking duplicate of it shares the flag only with us.
-        if stat.S_ISSOCK(mode):
-            sock = socket.socket(fileno=os.dup(2))
-            sock.setblocking(False)
-            return sock.detach()
-        return 2
-
-
 def worker_fields(generation: int | None) -> dict[str, str]:
     """The journal fields every entry of this worker carries (as sdnotify's handler sets)."""
     fields = {"PRIORITY": str(_SEVERITY_INFO), "SYSLOG_IDENTIFIER": "hapymaster",
@@ -360,7 +334,7 @@ def open_sink(target: AccessLogTarget, generation: int | None) -> Sink:
         assert target.address is not None
         return StreamSink(open_log_file(target.address), f"file {target.address}", label,
                           check_path=target.address)
-    return StreamSink(_nonblocking_stderr(), "stderr", label)
+    return StreamSink(nonblocking_stderr(), "stderr", label)
 
 
 # --- the log ------------------------------------------------------------------------

@@ -585,14 +585,17 @@ def test_pipe_batches_are_cut_at_line_ends_under_pipe_buf(monkeypatch):
 
 def test_stderr_target_never_blocks_and_leaves_fd_2_alone(tmp_path):
     # A process whose stderr is a small pipe nobody reads: lines are dropped,
-    # and fd 2 itself stays blocking for everything else that writes to it
-    # (the master shares that open file).
+    # the warning about it (logging, as a worker sets it up) does not wait
+    # either, and fd 2 itself stays blocking for everything else that writes
+    # to it (the master shares that open file).
     import subprocess
     import sys
     script = (
         "import os, sys\n"
         "from hapymaster.config import AccessLogTarget\n"
+        "from hapymaster.sdnotify import setup_logging\n"
         "from hapymaster.worker.accesslog import AccessLog, open_sink\n"
+        "setup_logging('worker', 2)\n"
         "class Loop:\n"
         "    def time(self): return 1000.0\n"
         "    def call_soon(self, cb): pass\n"
