@@ -619,3 +619,22 @@ def test_stderr_target_never_blocks_and_leaves_fd_2_alone(tmp_path):
         assert b"worker[gen 2] info: 192.0.2.1:1 [" in os.read(reader, 4096)
     finally:
         os.close(reader)
+
+
+def test_file_target_reopens_a_file_renamed_away(tmp_path):
+    # logrotate's default: rename the file, expect the writer to create it again.
+    from hapymaster.worker.accesslog import open_sink
+    path = tmp_path / "access.log"
+    log = AccessLog(FixedLoop(), open_sink(AccessLogTarget(target="file", address=str(path)), 1))
+    try:
+        log.http(*http_record(url=b"/before"))
+        log.flush()
+        os.rename(path, tmp_path / "access.log.1")
+        time.sleep(1.1)                 # the path is looked at once a second
+        log.http(*http_record(url=b"/after"))
+        log.flush()
+        assert "/before" in (tmp_path / "access.log.1").read_text()
+        assert "/after" in path.read_text() and "/before" not in path.read_text()
+        assert log.dropped == 0
+    finally:
+        log.close()
