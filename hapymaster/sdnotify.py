@@ -1,7 +1,8 @@
 """systemd glue: sd_notify, the watchdog, journald logging, a clean child environment.
 
 Everything here degrades silently: without NOTIFY_SOCKET nothing is sent,
-without JOURNAL_STREAM logs go to stderr as readable lines.
+without JOURNAL_STREAM logs go to stderr as readable lines (written without
+ever waiting: a line that finds the stderr pipe full is dropped).
 """
 
 from __future__ import annotations
