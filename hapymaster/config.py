@@ -103,6 +103,31 @@ class Stats:
     where: Where = field(default=NOWHERE, compare=False)
 
 
+# Syslog facilities by code (RFC 5424 6.2.1), as HAProxy's ``log`` names them.
+SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp",
+                     "cron", "auth2", "ftp", "ntp", "audit", "alert", "cron2", "local0", "local1",
+                     "local2", "local3", "local4", "local5", "local6", "local7")
+ACCESS_LOG_TARGETS = ("journal", "stderr", "file", "syslog")
+SYSLOG_FORMATS = ("rfc3164", "rfc5424")
+
+
+@dataclass(frozen=True)
+class AccessLogTarget:
+    """``global.access_log``: where the frontends' access log lines go.
+
+    ``target`` None (not set): journald when the worker runs under it, else
+    stderr, as the rest of the logs. ``address``: journal, its native socket
+    (default /run/systemd/journal/socket); syslog, a unix datagram socket path
+    (default /dev/log) or ``host:port`` (UDP); file, the file's path.
+    """
+
+    target: str | None = None
+    address: str | None = None
+    facility: str = "local0"
+    format: str = "rfc3164"
+    where: Where = field(default=NOWHERE, compare=False)
+
+
 @dataclass(frozen=True)
 class GlobalSection:
     max_reloads: int = 50
@@ -114,6 +139,7 @@ class GlobalSection:
     user: str | None = None
     group: str | None = None
     maxconn: int = 0  # per worker, all frontends together; 0 = no limit
+    access_log: AccessLogTarget = AccessLogTarget()
     where: Where = field(default=NOWHERE, compare=False)
 
 
@@ -367,8 +393,35 @@ class _Parser:
             user=self.get(section, "user", _string, None, "global"),
             group=self.get(section, "group", _string, None, "global"),
             maxconn=self.get(section, "maxconn", _count(0), 0, "global"),
+            access_log=self.access_log_target(section),
             where=self.where(section.line),
         )
+
+    def access_log_target(self, section: _Map) -> AccessLogTarget:
+        if "access_log" not in section:
+            return AccessLogTarget()
+        what = "global.access_log"
+        line = section.key_lines["access_log"]
+        table = self.section(section["access_log"], line, what,
+                             ("target", "address", "facility", "format"), ("target",))
+        if table is None or "target" not in table:
+            return AccessLogTarget()
+        target = self.get(table, "target", _choice(ACCESS_LOG_TARGETS), None, what)
+        if target is None:
+            return AccessLogTarget()
+        for key in ("facility", "format"):
+            if key in table and target != "syslog":
+                self.error(table.key_lines[key], f"{what}.{key} applies to target syslog only")
+        if "address" in table and target == "stderr":
+            self.error(table.key_lines["address"], f"{what}.address: target stderr takes none")
+        if target == "file" and "address" not in table:
+            self.error(table.line, f"{what}: target file needs 'address' (the file's path)")
+        address = self.get(table, "address", _log_address(target), None, what)
+        return AccessLogTarget(
+            target=target, address=address,
+            facility=self.get(table, "facility", _choice(SYSLOG_FACILITIES), "local0", what),
+            format=self.get(table, "format", _choice(SYSLOG_FORMATS), "rfc3164", what),
+            where=self.where(table.line))
 
     def timeouts(self, section: _Map, defaults: _Map, what: str) -> Timeouts:
         result = Timeouts()
@@ -611,6 +664,18 @@ def _name(value: Any) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.:-]+", text):
         raise ValueError(f"name {text!r} may only use letters, digits and _ . : -")
     return text
+
+
+def _log_address(target: str | None) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = _string(value)
+        if text.startswith("/"):
+            return text
+        if target == "syslog":
+            return str(parse_address(text))
+        raise ValueError(f"expected an absolute path{' or host:port' if target == 'syslog' else ''}"
+                         f", got {text!r}")
+    return convert
 
 
 def _path(value: Any) -> str:

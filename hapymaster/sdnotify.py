@@ -1,13 +1,16 @@
 """systemd glue: sd_notify, the watchdog, journald logging, a clean child environment.
 
 Everything here degrades silently: without NOTIFY_SOCKET nothing is sent,
-without JOURNAL_STREAM logs go to stderr as readable lines.
+without JOURNAL_STREAM logs go to stderr as readable lines (written without
+ever waiting: a line that finds the stderr pipe full is dropped).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import stat
 import sys
 import time
 
@@ -19,6 +22,8 @@ except ImportError:  # pragma: no cover - systemd-python is a hard dependency
     _journal = None
 
 log = logging.getLogger("hapymaster")
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 # What systemd hands the main process only. A worker that inherited
 # NOTIFY_SOCKET could send READY=1 on the master's behalf (NotifyAccess=main
@@ -59,6 +64,61 @@ def child_environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in _MASTER_ONLY_ENV}
 
 
+def nonblocking_stderr() -> int:
+    """A descriptor for stderr on which a write never blocks.
+
+    Setting O_NONBLOCK on fd 2 itself would change it for every process
+    sharing that open file (the master and each worker). A pipe or a terminal
+    opened again through /proc is a new open file of our own; a regular file
+    never blocks; a socket gets a non-blocking duplicate.
+    """
+    try:
+        mode = os.fstat(2).st_mode
+    except OSError:
+        return 2
+    if stat.S_ISREG(mode):
+        return 2
+    try:
+        return os.open("/proc/self/fd/2", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        if stat.S_ISSOCK(mode):
+            # A socket cannot be opened through /proc; a non-blocking
+            # duplicate shares the flag with fd 2, which only we hold here.
+            sock = socket.socket(fileno=os.dup(2))
+            sock.setblocking(False)
+            return sock.detach()
+        return 2
+
+
+class _StderrHandler(logging.Handler):
+    """Lines to stderr that never wait: with the pipe full, a line is dropped.
+
+    A worker (or the master) blocked on a stderr nobody reads would stop
+    serving; the access log's drop warnings come through here, exactly when
+    that pipe is full.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fd = nonblocking_stderr()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+            while data:
+                data = data[os.write(self.fd, data):]
+        except BlockingIOError:
+            pass
+        except Exception:  # noqa: BLE001 - logging must not raise into the caller
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self.fd > 2:
+            os.close(self.fd)
+            self.fd = 2
+        super().close()
+
+
 class _StderrFormatter(logging.Formatter):
     def __init__(self, role: str):
         super().__init__()
@@ -73,7 +133,7 @@ class _StderrFormatter(logging.Formatter):
         return text
 
 
-def _under_journald() -> bool:
+def under_journald() -> bool:
     """True when stderr is the journal stream systemd connected us to."""
     stream = os.environ.get("JOURNAL_STREAM", "")
     if not stream or _journal is None:
@@ -99,9 +159,10 @@ def setup_logging(role: str, generation: int | None = None, level: int = logging
     root = logging.getLogger("hapymaster")
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()
     handler: logging.Handler
-    use_journal = _under_journald() or (
-        journal is True and _journal is not None and os.path.exists("/run/systemd/journal/socket"))
+    use_journal = under_journald() or (
+        journal is True and _journal is not None and os.path.exists(JOURNAL_SOCKET))
     if use_journal:
         fields = {"SYSLOG_IDENTIFIER": "hapymaster", "HAPYMASTER_ROLE": role,
                   "HAPYMASTER_PID": str(os.getpid())}
@@ -111,7 +172,7 @@ def setup_logging(role: str, generation: int | None = None, level: int = logging
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         label = role if generation is None else f"{role}[gen {generation}]"
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(_StderrFormatter(label))
     root.addHandler(handler)
     root.setLevel(level)

@@ -30,6 +30,7 @@ from hapymaster.sdnotify import setup_logging
 # are dropped: afterwards the interpreter's own library may not be readable
 # (a Python under /root, a chroot), and a lazy import would fail mid-request.
 from hapymaster.worker import proxy_http, proxy_tcp, stats  # noqa: F401
+from hapymaster.worker.accesslog import AccessLog, open_sink
 from hapymaster.worker.checks import HealthChecker
 from hapymaster.worker.control import ControlChannel
 from hapymaster.worker.process import Worker
@@ -122,6 +123,12 @@ def main() -> int:
             log.error("%s", error)
         return 1
     try:
+        # Before dropping privileges: a log file may be writable by root only.
+        access_sink = open_sink(config.global_.access_log, generation)
+    except OSError as exc:
+        log.error("cannot open the access log: %s", exc)
+        return 1
+    try:
         drop_privileges(config)
     except (KeyError, OSError) as exc:
         log.error("cannot drop privileges to user %r group %r: %s", config.global_.user,
@@ -135,7 +142,8 @@ def main() -> int:
     loop = new_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(config, loop, generation, int(boot.get("index") or 1),
-                    int(boot.get("master_pid") or 0))
+                    int(boot.get("master_pid") or 0),
+                    AccessLog(loop, access_sink))
     try:
         apply_state(worker, boot.get("state"))
         loop.run_until_complete(worker.open_listeners(list(boot.get("listeners") or [])))
@@ -159,6 +167,7 @@ def main() -> int:
     try:
         loop.run_until_complete(asyncio.sleep(0))
     finally:
+        worker.access_log.close()
         loop.close()
     return int(code or 0)
 

@@ -21,6 +21,7 @@ from collections import deque
 from typing import Any, Callable
 
 from hapymaster.config import Config, Frontend
+from hapymaster.worker.accesslog import AccessLog, open_sink
 from hapymaster.worker.balance import BackendState, Counters, build_backends
 
 log = logging.getLogger("hapymaster.worker")
@@ -156,8 +157,10 @@ class FrontendState:
 
 class Worker:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, generation: int = 0,
-                 index: int = 1, master_pid: int = 0):
+                 index: int = 1, master_pid: int = 0, access_log: AccessLog | None = None):
         self.config = config
+        self.access_log = access_log or AccessLog(loop, open_sink(config.global_.access_log,
+                                                                  generation))
         self.loop = loop
         self.generation = generation
         self.index = index

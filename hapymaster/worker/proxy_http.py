@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
     from hapymaster.worker.process import FrontendState, Worker
 
 log = logging.getLogger("hapymaster.worker")
-access_log = logging.getLogger("hapymaster.access")
 
 HttpParserError = httptools.HttpParserError
 HttpParserUpgrade = httptools.HttpParserUpgrade
@@ -977,34 +975,25 @@ class HttpClient(asyncio.Protocol):
             self._log_line(req, server)
 
     def _log_line(self, req: Request, server: ServerState | None) -> None:
-        # HAProxy's httplog: client, date, frontend, backend/server,
-        # TR/Tw/Tc/Tr/Ta, status, bytes, cookies, termination state,
-        # actconn/feconn/beconn/srv_conn/retries, srv_queue/backend_queue, request.
-        now = self.w.loop.time()
-        start = req.t_start
-
-        def ms(t: float, base: float) -> int:
-            return -1 if t < 0 else int((t - base) * 1000)
-
-        t_req = ms(req.t_head, start)
-        t_wait = ms(req.t_queue, req.t_head) if req.t_head >= 0 else -1
-        t_conn = ms(req.t_connect, req.t_queue) if req.t_queue >= 0 else -1
-        t_resp = ms(req.t_response, req.t_connect) if req.t_connect >= 0 else -1
-        t_all = int((now - start) * 1000)
-        backend = req.backend.name if req.backend is not None else self.fe.name
-        server_name = server.name if server is not None else "<NOSRV>"
-        method = req.method.decode("latin-1") if req.method else "<BADREQ>"
-        line = (f"{self.peer[0]}:{self.peer[1]} [{_log_date()}] {self.fe.name} "
-                f"{backend}/{server_name} {t_req}/{t_wait}/{t_conn}/{t_resp}/{t_all} "
-                f"{req.status or -1} {req.bytes_out} - - {req.term}-- "
-                f"{self.w.cur_conns}/{self.fe.cur}/{req.backend.cur if req.backend else 0}/"
-                f"{server.cur if server else 0}/{req.retries} 0/"
-                f"{len(req.backend.queue) if req.backend else 0} "
-                f"\"{method} {req.url.decode('latin-1')} HTTP/{req.version}\"")
-        access_log.info(line, extra={
-            "HAPYMASTER_FRONTEND": self.fe.name, "HAPYMASTER_BACKEND": backend,
-            "HAPYMASTER_SERVER": server_name, "HAPYMASTER_STATUS": str(req.status),
-            "HAPYMASTER_CLIENT": self.peer[0]})
+        # HAProxy's httplog, built and written by accesslog once per loop iteration.
+        backend = req.backend
+        w = self.w
+        fe = self.fe
+        peer = self.peer
+        if backend is not None:
+            w.access_log.http(
+                fe.name, peer[0], peer[1], backend.name,
+                server.name if server is not None else "<NOSRV>", req.t_start, req.t_head,
+                req.t_queue, req.t_connect, req.t_response, w.clock(), req.status,
+                req.bytes_out, req.term, w.cur_conns, fe.cur, backend.cur,
+                server.cur if server is not None else 0, req.retries, len(backend.queue),
+                req.method, req.url, req.version)
+        else:
+            w.access_log.http(
+                fe.name, peer[0], peer[1], fe.name, "<NOSRV>", req.t_start, req.t_head,
+                req.t_queue, req.t_connect, req.t_response, w.clock(), req.status,
+                req.bytes_out, req.term, w.cur_conns, fe.cur, 0, 0, req.retries, 0,
+                req.method, req.url, req.version)
 
     # --- timeouts -------------------------------------------------------------
 
@@ -1278,18 +1267,3 @@ class HttpServer(asyncio.Protocol):
             return
         if self.client is not None:
             self.client.server_lost(self, exc)
-
-
-_last_log_second = 0
-_last_log_date = ""
-
-
-def _log_date() -> str:
-    """``25/Nov/2026:13:30:00.123`` as in HAProxy's logs, cached per second."""
-    global _last_log_second, _last_log_date
-    now = time.time()
-    second = int(now)
-    if second != _last_log_second:
-        _last_log_second = second
-        _last_log_date = time.strftime("%d/%b/%Y:%H:%M:%S", time.localtime(now))
-    return f"{_last_log_date}.{int((now - second) * 1000):03d}"

@@ -10,7 +10,6 @@ answer). The session ends when both directions have ended, or after
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +17,6 @@ from hapymaster.worker.balance import NO_SERVER, ServerState
 
 if TYPE_CHECKING:
     from hapymaster.worker.process import FrontendState, Worker
-
-access_log = logging.getLogger("hapymaster.access")
 
 WRITE_HIGH = 1 << 20
 
@@ -233,25 +230,15 @@ class TcpClient(asyncio.Protocol):
             sc.bout += self.bytes_out
         if not fe.access_log:
             return
-        # HAProxy's tcplog: client [date] frontend backend/server Tw/Tc/Tt
-        # bytes termination actconn/feconn/beconn/srv_conn/retries srv_queue/backend_queue
-        now = self.w.loop.time()
-
-        def ms(t: float, base: float) -> int:
-            return -1 if t < 0 else int((t - base) * 1000)
-
-        from hapymaster.worker.proxy_http import _log_date
-        t_wait = ms(self.t_queue, self.t_start)
-        t_conn = ms(self.t_connect, self.t_queue) if self.t_queue >= 0 else -1
-        t_all = int((now - self.t_start) * 1000)
-        server_name = server.name if server is not None else "<NOSRV>"
-        line = (f"{self.peer[0]}:{self.peer[1]} [{_log_date()}] {fe.name} "
-                f"{self.backend.name}/{server_name} {t_wait}/{t_conn}/{t_all} {self.bytes_out} "
-                f"{self.term} {self.w.cur_conns}/{fe.cur}/{self.backend.cur}/"
-                f"{server.cur if server else 0}/{self.retries} 0/{len(self.backend.queue)}")
-        access_log.info(line, extra={
-            "HAPYMASTER_FRONTEND": fe.name, "HAPYMASTER_BACKEND": self.backend.name,
-            "HAPYMASTER_SERVER": server_name, "HAPYMASTER_CLIENT": self.peer[0]})
+        # HAProxy's tcplog, built and written by accesslog once per loop iteration.
+        w = self.w
+        backend = self.backend
+        w.access_log.tcp(
+            fe.name, self.peer[0], self.peer[1], backend.name,
+            server.name if server is not None else "<NOSRV>", self.t_start_wall, self.t_start,
+            self.t_queue, self.t_connect, w.clock(), self.bytes_out, self.term, w.cur_conns,
+            fe.cur, backend.cur, server.cur if server is not None else 0, self.retries,
+            len(backend.queue))
 
 
 class TcpServer(asyncio.Protocol):

@@ -120,6 +120,7 @@ def show_info(worker: "Worker") -> str:
         ("CurrConns", worker.cur_conns),
         ("CumConns", worker.cum_conns),
         ("CumReq", requests),
+        ("DroppedLogs", worker.access_log.dropped),
         ("Stopping", 1 if worker.stopping else 0),
         ("Frontends", len(worker.frontends)),
         ("Backends", len(worker.backends)),
