@@ -320,7 +320,8 @@ def line_latency(r: Result) -> str:
 
 def line_under_load(r: Result) -> str:
     w = r.wrk
-    return (f"{r.proxy:<10} {r.done}/{r.asked} reloads in {r.elapsed:.1f}s, {len(r.failed)} failed; "
+    return (f"{r.proxy:<10} {r.done}/{r.asked} reloads in {r.elapsed:.1f}s, {len(r.failed)} failed"
+            f"{'' if len(r.outcomes) == r.asked else f' (gave up after {len(r.outcomes)})'}; "
             f"wrk {w.rps:,.0f} req/s, {w.requests:,} requests, errors: {w.socket_errors()}, "
             f"non-2xx {w.non2xx}; others {r.others:.2f}")
 
@@ -340,7 +341,7 @@ def render(args, scenarios, results: dict[str, list[Result]], tails: dict[str, s
     rows = [(sc.name, r) for sc in scenarios for r in results[sc.name]
             if sc.name != "reload-latency" or "loaded" in r.proxy]
     if rows:
-        L += ["| scenario | proxy | wrk -c | reloads done / asked | in | failed reloads | req/s "
+        L += ["| scenario | proxy | wrk -c | reloads done / planned | in | failed reloads | req/s "
               "| requests | connect | read | write | timeout | non-2xx | reload → serving median "
               "/ max | others | goal (issue 8) |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -355,7 +356,9 @@ def render(args, scenarios, results: dict[str, list[Result]], tails: dict[str, s
                                and r.elapsed <= r.asked / args.storm_rate + 1.0))
                 met = w.errors == 0 and not r.failed and on_time
                 goal = f"{goals[name]}: {'**met**' if met else '**not met**'}"
-            L.append(f"| {name} | {r.proxy} | {conns} | {r.done} / {r.asked} | {r.elapsed:.1f} s | "
+            gave_up = "" if len(r.outcomes) == r.asked else f" (gave up after {len(r.outcomes)})"
+            L.append(f"| {name} | {r.proxy} | {conns} | {r.done} / {r.asked} | {r.elapsed:.1f} s"
+                     f"{gave_up} | "
                      f"{len(r.failed)} | {w.rps:,.0f} | {w.requests:,} | {w.connect} | {w.read} | "
                      f"{w.write} | {w.timeout} | {w.non2xx} | {lat} | {r.others:.2f} | {goal} |")
         L.append("")
