@@ -31,7 +31,8 @@ from pathlib import Path
 import reloads
 from common import (BENCH, MIB, NGINX_PORT, OURS, REPO, VENV_PY, CpuCap, Foreign, Sampler,
                     children, core_busy, log_tail, machine_info, machine_table, parse_wrk,
-                    proc_cpu, proc_rss_kib, start, stop, stop_all, wait_port, wait_quiet, wrk_cmd)
+                    proc_cpu, proc_rss_kib, start, stop, stop_all, wait_port, wait_quiet, wait_serving,
+                    wrk_cmd)
 from configs import (HAP_HTTP, HAP_HTTP_LOG, HAP_PROBE, HAP_TCP, HAPY_HTTP, HAPY_HTTP_LOG,
                      HAPY_TCP, write_haproxy, write_hapymaster, write_origin)
 
@@ -291,8 +292,8 @@ def run_throughput(args, wd: Path, env: dict, scenarios: list[Scenario], cap: Cp
                    cap=cap, cap_name="hapymaster")
     haproxy = start(["haproxy", "-db", "-f", str(write_haproxy(wd, 1, sink.path if sink else None))],
                     wd / "haproxy.log", args.proxy_cpu, cap=cap, cap_name="haproxy")
-    wait_port(HAPY_HTTP, master, "hapymaster")
-    wait_port(HAP_HTTP, haproxy, "haproxy")
+    wait_serving(HAPY_HTTP, master, "hapymaster")
+    wait_serving(HAP_HTTP, haproxy, "haproxy")
     # The worker: the master's only Python child (affinity and cgroup inherited from the master).
     deadline = time.time() + 10
     workers: list[int] = []

@@ -105,6 +105,32 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 15.
     raise SystemExit(f"{what} is not listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_serving(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    """Wait until a GET /small through the proxy is answered 200.
+
+    hapymaster's master listens before its worker is READY (it owns the
+    sockets), so a port that accepts is not yet a proxy that serves; measuring
+    "idle RSS" then would catch a worker still importing.
+    """
+    wait_port(port, proc, what, timeout)
+    deadline = time.time() + timeout
+    answer = b""
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
+                s.sendall(b"GET /small HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                answer = s.recv(64)
+                if answer.split(b" ", 2)[1:2] == [b"200"]:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise SystemExit(f"{what} does not answer GET /small on 127.0.0.1:{port} with 200 after "
+                     f"{timeout}s (last answer: {answer!r})\n{getattr(proc, 'log_text', lambda: '')()}")
+
+
 def children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):

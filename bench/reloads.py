@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (OURS, VENV, VENV_PY, CpuCap, Foreign, ProcList, WrkResult, log_tail,
-                    parse_wrk, show_proc, start, stop, wait_port, wrk_cmd)
+                    parse_wrk, show_proc, start, stop, wait_port, wait_serving, wrk_cmd)
 from configs import HAP_HTTP, HAP_PROBE, HAPY_HTTP, HARD_STOP_AFTER, write_haproxy, write_hapymaster
 
 WORKERS = 2                        # hapymaster workers; HAProxy nbthread (one worker process)
@@ -85,7 +85,7 @@ class Hapymaster:
         cfg = write_hapymaster(wd, workers=WORKERS)
         self.proc = start([str(VENV_PY), "-m", "hapymaster", "-f", str(cfg), "-S", str(self.sock)],
                           self.log, args.proxy_cpu, env=env, cap=cap, cap_name="hapymaster")
-        wait_port(self.port, self.proc, "hapymaster")
+        wait_serving(self.port, self.proc, "hapymaster")
 
     def reload(self) -> Outcome:
         # The command an operator (and ExecReload=) runs, on the load core; its
@@ -117,7 +117,7 @@ class Haproxy:
         cfg = write_haproxy(wd, nbthread=WORKERS, idle_close=not args.haproxy_no_idle_close)
         self.proc = start(["haproxy", "-W", "-db", "-S", str(self.sock), "-f", str(cfg)], self.log,
                           args.proxy_cpu, cap=cap, cap_name="haproxy")
-        wait_port(self.port, self.proc, "haproxy")
+        wait_serving(self.port, self.proc, "haproxy")
         wait_port(HAP_PROBE, self.proc, "haproxy")
 
     @staticmethod
