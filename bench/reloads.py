@@ -218,6 +218,9 @@ def paced(proxy, result: Result, count: int, interval: float, give_up: float) ->
         now = time.monotonic()
         if now - t0 > give_up:
             break
+        if proxy.proc.poll() is not None:
+            raise SystemExit(f"{proxy.name}'s master exited ({proxy.proc.returncode}) during the "
+                             f"reloads:\n{log_tail(proxy.log)}")
         time.sleep(max(0.0, t0 + i * interval - now))
         result.outcomes.append(proxy.reload())
     result.elapsed = time.monotonic() - t0
