@@ -30,9 +30,9 @@ from pathlib import Path
 
 import reloads
 from common import (BENCH, MIB, NGINX_PORT, OURS, REPO, VENV_PY, CpuCap, Foreign, Sampler,
-                    children, core_busy, log_tail, machine_info, machine_table, parse_wrk,
-                    proc_cpu, proc_rss_kib, start, stop, stop_all, wait_port, wait_quiet, wait_serving,
-                    wrk_cmd)
+                    core_busy, log_tail, machine_info, machine_table, parse_wrk,
+                    proc_cpu, proc_rss_kib, show_proc, start, stop, stop_all, wait_port, wait_quiet,
+                    wait_serving, wrk_cmd)
 from configs import (HAP_HTTP, HAP_HTTP_LOG, HAP_PROBE, HAP_TCP, HAPY_HTTP, HAPY_HTTP_LOG,
                      HAPY_TCP, write_haproxy, write_hapymaster, write_origin)
 
@@ -294,12 +294,9 @@ def run_throughput(args, wd: Path, env: dict, scenarios: list[Scenario], cap: Cp
                     wd / "haproxy.log", args.proxy_cpu, cap=cap, cap_name="haproxy")
     wait_serving(HAPY_HTTP, master, "hapymaster")
     wait_serving(HAP_HTTP, haproxy, "haproxy")
-    # The worker: the master's only Python child (affinity and cgroup inherited from the master).
-    deadline = time.time() + 10
-    workers: list[int] = []
-    while time.time() < deadline and not workers:
-        workers = children(master.pid)
-        time.sleep(0.1)
+    # The worker, as the master CLI lists it (not "the master's child": a fork
+    # server may stand between them). Affinity and cgroup are inherited.
+    workers = show_proc(wd / "master.sock").workers
     if len(workers) != 1:
         raise SystemExit(f"expected one hapymaster worker under master {master.pid}, got {workers}")
     hapy_pid = workers[0]
