@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
 import importlib.metadata
 import json
 import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from . import __version__
-from .pdeathsig import die_with_parent
 from .config import Address, Config, ConfigError, parse_config, read_config
-from .sdnotify import child_environment, monotonic_usec, notify, watchdog_interval
+from .forkserver import ForkServer, ForkServerError, become_subreaper
+from .sdnotify import monotonic_usec, notify, watchdog_interval
 
 log = logging.getLogger("hapymaster.master")
 
@@ -214,6 +211,7 @@ class Master:
         self._done = asyncio.Event()
         self._cli_server: asyncio.AbstractServer | None = None
         self.on_stop: list[Callable[[], None]] = []
+        self.forkserver = ForkServer()  # the worker template every worker is forked from
 
     # --- the process list ---------------------------------------------------
 
@@ -287,25 +285,23 @@ class Master:
         wanted = set(self.wanted_addresses(config))
         listeners = [(str(address), sock.fileno()) for address, sock in self.listeners.items()
                      if address in wanted]
-        env = child_environment()
-        env["HAPYMASTER_CONTROL_FD"] = str(child_end.fileno())
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "hapymaster.worker"], env=env, stdin=subprocess.DEVNULL,
-                pass_fds=[child_end.fileno()] + [fd for _, fd in listeners],
-                preexec_fn=functools.partial(die_with_parent, os.getpid()))
+            await self.forkserver.ensure(config.global_.ready_timeout)
+            pid = self.forkserver.spawn(child_end, [fd for _, fd in listeners], os.getpid())
+        except ForkServerError as exc:
+            parent_end.close()
+            raise ReloadFailed(str(exc)) from None
         finally:
             child_end.close()
-        # We reap children ourselves (SIGCHLD); keep Popen from ever waiting too.
-        process.returncode = 0
-        loop = asyncio.get_running_loop()
-        _, channel = await loop.create_unix_connection(lambda: ControlChannel(self),
-                                                       sock=parent_end)
-        worker = Worker(pid=process.pid, generation=generation, index=index,
+        # In the list before the next await: a forked worker can exit (and be
+        # reaped) within one loop iteration, and an unknown pid would be lost.
+        channel = ControlChannel(self)
+        worker = Worker(pid=pid, generation=generation, index=index,
                         version=installed_version(), started_at=time.monotonic(),
                         control=channel)
         channel.worker = worker
         self.processes.append(worker)
+        await asyncio.get_running_loop().create_unix_connection(lambda: channel, sock=parent_end)
         channel.send({"type": "boot", "generation": generation, "index": index,
                       "master_pid": os.getpid(), "config_path": config.source,
                       "config_text": text,
@@ -334,8 +330,15 @@ class Master:
 
     async def start_generation(self, config: Config, text: str, state: Any) -> list[Worker]:
         self.last_generation += 1
-        return [await self.spawn_worker(self.last_generation, index, config, text, state)
-                for index in range(1, config.global_.workers + 1)]
+        workers: list[Worker] = []
+        try:
+            for index in range(1, config.global_.workers + 1):
+                workers.append(await self.spawn_worker(self.last_generation, index, config,
+                                                       text, state))
+        except ReloadFailed:
+            self.abandon(workers, "the rest of its generation could not be started")
+            raise
+        return workers
 
     async def wait_ready(self, workers: list[Worker], timeout: float) -> None:
         """Return when every worker is READY; raise ReloadFailed if one exits or is late."""
@@ -461,7 +464,14 @@ class Master:
             self._uncount_reload(live)
             return self._reload_failed([str(exc)])
         state = await self.carried_state()
-        workers = await self.start_generation(config, text, state)
+        try:
+            # After an upgrade the new generation must run the new code.
+            await self.forkserver.refresh(config.global_.ready_timeout)
+            workers = await self.start_generation(config, text, state)
+        except (ForkServerError, ReloadFailed) as exc:
+            self.close_listeners(added)
+            self._uncount_reload(live)
+            return self._reload_failed([str(exc), "the previous workers keep serving"])
         try:
             await self.wait_ready(workers, config.global_.ready_timeout)
             if self.stopping:
@@ -551,7 +561,8 @@ class Master:
     def child_exited(self, pid: int, status: int) -> None:
         worker = self.find_worker(pid)
         if worker is None:
-            log.info("child %d exited (%s)", pid, describe_status(status))
+            what = "the worker template" if pid == self.forkserver.pid else "child"
+            log.info("%s %d exited (%s)", what, pid, describe_status(status))
             return
         self.processes.remove(worker)
         worker.control.close()
@@ -583,8 +594,13 @@ class Master:
         if self.stopping or dead.generation != self.generation:
             return
         state = await self.carried_state()
-        worker = await self.spawn_worker(dead.generation, dead.index, self.config,
-                                         self.config_text, state)
+        try:
+            worker = await self.spawn_worker(dead.generation, dead.index, self.config,
+                                             self.config_text, state)
+        except ReloadFailed as exc:  # the worker template is down: try again, backing off
+            log.error("cannot restart worker #%d: %s", dead.index, exc)
+            asyncio.ensure_future(self.restart_worker(dead))
+            return
         try:
             await self.wait_ready([worker], self.config.global_.ready_timeout)
         except ReloadFailed as exc:
@@ -608,6 +624,7 @@ class Master:
         if self.stopping:
             return
         self.stopping = True
+        self.forkserver.close()
         notify("STOPPING=1", f"STATUS=Stopping ({why})")
         # New clients must be refused now, not left waiting in a backlog that
         # no worker will ever accept from again.
@@ -637,6 +654,7 @@ class Master:
 
     async def run(self, serve_cli: Callable[["Master"], Awaitable[asyncio.AbstractServer]]) -> int:
         loop = asyncio.get_running_loop()
+        become_subreaper()  # workers forked by the template are our children
         loop.add_signal_handler(signal.SIGCHLD, self.reap_children)
         for sig in (signal.SIGUSR2, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_reload)
@@ -674,6 +692,7 @@ class Master:
     def close(self) -> None:
         if self._cli_server is not None:
             self._cli_server.close()
+        self.forkserver.close()
         for callback in self.on_stop:
             callback()
         self.close_listeners(list(self.listeners))

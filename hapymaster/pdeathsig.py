@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import time
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -13,7 +14,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
     """Have the kernel send ``sig`` to this process when its parent dies.
 
-    Called twice in a worker's life: between fork and exec, and again after
+    Called twice in a worker's life: when it starts (between fork and exec,
+    or once adopted by the master: ``die_with_reaper``), and again after
     dropping privileges, because the kernel clears the setting whenever a
     process changes its uid or gid. If the parent is already gone (it died
     before the call), exit at once: the kernel will never send the signal.
@@ -21,3 +23,22 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def die_with_reaper(reaper_pid: int, timeout: float, sig: int = signal.SIGKILL) -> None:
+    """``die_with_parent`` for a process whose own parent is exiting so that
+    ``reaper_pid`` (a child subreaper) adopts it: the worker template's double fork.
+
+    The death signal follows the parent of the moment: armed before the
+    adoption it would fire when the intermediate process exits. So wait to be
+    adopted (the intermediate exits right after the fork: microseconds), then
+    arm it. Never adopted within ``timeout`` means the reaper is gone: exit.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.0001
+    while os.getppid() != reaper_pid:
+        if time.monotonic() > deadline:
+            os._exit(1)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+    die_with_parent(reaper_pid, sig)
