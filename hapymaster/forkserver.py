@@ -56,6 +56,10 @@ REPARENT_TIMEOUT = 2.0
 # The kernel's SCM_MAX_FD: the most fds one message may carry.
 MAX_FDS = 253
 MAX_MESSAGE = 65536
+# What `ps -o comm`, top and the journal's _COMM show for the template; its
+# command line is the same as its workers' (they are forks of it).
+TEMPLATE_NAME = b"hapymaster-tmpl"
+_PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -63,12 +67,23 @@ class ForkServerError(Exception):
     """The template could not be started or could not fork a worker."""
 
 
+def _prctl(option: int, arg: Any) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
 def become_subreaper() -> None:
     """Adopt orphaned descendants: workers forked by the template become our children."""
-    import ctypes  # only the master needs it, once
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _set_process_name(name: bytes) -> None:
+    try:
+        _prctl(_PR_SET_NAME, name[:15])
+    except OSError:
+        pass   # cosmetic only
 
 
 def _package_dir() -> str:
@@ -236,6 +251,9 @@ def serve(fd: int) -> int:
     """The template: import the worker once, then fork one worker per request."""
     sock = socket.socket(fileno=fd)
     setup_logging("worker")
+    with open("/proc/self/comm", "rb") as comm:
+        worker_name = comm.read().strip()
+    _set_process_name(TEMPLATE_NAME)
     # Ctrl-C reaches the whole foreground process group; the master decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -243,7 +261,9 @@ def serve(fd: int) -> int:
         from hapymaster.worker import __main__ as worker_main
     except BaseException as exc:  # noqa: BLE001 - a broken upgrade must say what broke
         traceback.print_exc()
-        why = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        why = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SyntaxError):   # one line, file:line first, as config errors are
+            why = f"{exc.filename}:{exc.lineno}: {type(exc).__name__}: {exc.msg}"
         sock.send(json.dumps({"error": why}).encode())
         return 1
     # Everything imported so far is shared with the workers, copy-on-write:
@@ -260,7 +280,8 @@ def serve(fd: int) -> int:
             return 0   # the master closed its end: it is stopping or replaced us
         try:
             request = json.loads(data)
-            reply: dict[str, Any] = {"pid": _fork_worker(sock, fds, request, worker_main.run)}
+            reply: dict[str, Any] = {"pid": _fork_worker(sock, fds, request, worker_main.run,
+                                                         worker_name)}
         except (OSError, ValueError) as exc:
             reply = {"error": str(exc)}
         finally:
@@ -270,7 +291,7 @@ def serve(fd: int) -> int:
 
 
 def _fork_worker(sock: socket.socket, fds: list[int], request: dict[str, Any],
-                 run: Any) -> int:
+                 run: Any, name: bytes) -> int:
     """Double fork: the worker's parent exits at once, so the master adopts it."""
     if not fds:
         raise ValueError("a spawn request without the control fd")
@@ -285,7 +306,7 @@ def _fork_worker(sock: socket.socket, fds: list[int], request: dict[str, Any],
             worker = os.fork()
             if worker == 0:
                 os.close(write_end)
-                _worker_child(sock, fds, request, run)
+                _worker_child(sock, fds, request, run, name)
             os.write(write_end, b"%d" % worker)
         except OSError as exc:
             os.write(write_end, f"-{exc}".encode())
@@ -303,11 +324,12 @@ def _fork_worker(sock: socket.socket, fds: list[int], request: dict[str, Any],
 
 
 def _worker_child(sock: socket.socket, fds: list[int], request: dict[str, Any],
-                  run: Any) -> None:
+                  run: Any, name: bytes) -> None:
     """The forked worker: undo what is the template's, then the worker's own main."""
     code: Any = 1
     try:
         sock.close()
+        _set_process_name(name)   # the interpreter's name, as a `python -m` worker has
         signal.signal(signal.SIGINT, signal.default_int_handler)
         # `random` reseeds itself after fork (os.register_at_fork); no event
         # loop exists in the template, so run() makes a fresh one.
