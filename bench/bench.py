@@ -117,6 +117,13 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 15.
     raise SystemExit(f"{what} is not listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -504,11 +511,12 @@ def main() -> int:
                     args.proxy_cpu)
     wait_port(HAPY_HTTP, master, "hapymaster")
     wait_port(HAP_HTTP, haproxy, "haproxy")
-    # The worker: the master's only Python child (affinity inherited from the master).
+    # The worker: the master's only child but its worker template (named
+    # hapymaster-tmpl; affinity inherited from the master).
     deadline = time.time() + 10
     workers: list[int] = []
     while time.time() < deadline and not workers:
-        workers = children(master.pid)
+        workers = [pid for pid in children(master.pid) if comm(pid) != "hapymaster-tmpl"]
         time.sleep(0.1)
     if len(workers) != 1:
         raise SystemExit(f"expected one hapymaster worker under master {master.pid}, got {workers}")
