@@ -148,6 +148,9 @@ class ForkServer:
         self.sock: socket.socket | None = None
         self.pid: int | None = None
         self.signature: tuple[str, ...] | None = None
+        # A reload's refresh and a worker restart may both find the template
+        # gone: one of them starts the next, the other waits for it.
+        self._starting = asyncio.Lock()
 
     def running(self) -> bool:
         """True if the template is up. It never speaks unasked: anything to read is EOF."""
@@ -158,24 +161,26 @@ class ForkServer:
 
     async def ensure(self, timeout: float) -> None:
         """Start the template unless it runs (first use, or it died)."""
-        if self.running():
-            return
-        if self.sock is not None:
-            log.warning("the worker template (pid %s) is gone: starting a new one", self.pid)
-            self.close()
-        await self.start(timeout)
+        async with self._starting:
+            if self.running():
+                return
+            if self.sock is not None:
+                log.warning("the worker template (pid %s) is gone: starting a new one", self.pid)
+                self.close()
+            await self._start(timeout)
 
     async def refresh(self, timeout: float) -> None:
         """At a reload: replace the template if the code on disk changed since it started."""
-        if self.running() and self.signature == code_signature():
-            return
-        if self.running():
-            log.info("the code on disk changed: replacing the worker template (pid %s)",
-                     self.pid)
-        self.close()
-        await self.start(timeout)
+        async with self._starting:
+            if self.running() and self.signature == code_signature():
+                return
+            if self.running():
+                log.info("the code on disk changed: replacing the worker template (pid %s)",
+                         self.pid)
+            self.close()
+            await self._start(timeout)
 
-    async def start(self, timeout: float) -> None:
+    async def _start(self, timeout: float) -> None:
         signature = code_signature()  # before the template imports: never newer than its code
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = child_environment()
