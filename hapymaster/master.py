@@ -287,6 +287,7 @@ class Master:
                      if address in wanted]
         try:
             await self.forkserver.ensure(config.global_.ready_timeout)
+            started_at = time.monotonic()  # "READY in" counts the fork too
             pid = self.forkserver.spawn(child_end, [fd for _, fd in listeners], os.getpid())
         except ForkServerError as exc:
             parent_end.close()
@@ -297,8 +298,7 @@ class Master:
         # reaped) within one loop iteration, and an unknown pid would be lost.
         channel = ControlChannel(self)
         worker = Worker(pid=pid, generation=generation, index=index,
-                        version=installed_version(), started_at=time.monotonic(),
-                        control=channel)
+                        version=installed_version(), started_at=started_at, control=channel)
         channel.worker = worker
         self.processes.append(worker)
         await asyncio.get_running_loop().create_unix_connection(lambda: channel, sock=parent_end)
