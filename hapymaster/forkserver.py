@@ -197,6 +197,7 @@ class ForkServer:
             theirs.close()
         # The master reaps every child itself (SIGCHLD): Popen must never wait.
         process.returncode = 0
+        self.pid = process.pid
         ours.setblocking(False)
         try:
             hello = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(ours, MAX_MESSAGE),
@@ -214,7 +215,7 @@ class ForkServer:
             ours.close()
             why = message.get("error") or "it exited at once (its log says why)"
             raise ForkServerError(f"the worker template cannot start: {why}")
-        self.sock, self.pid, self.signature = ours, process.pid, signature
+        self.sock, self.signature = ours, signature
         log.info("worker template started (pid %d)", process.pid)
 
     def spawn(self, control: socket.socket, listener_fds: list[int], master_pid: int) -> int:
@@ -235,7 +236,13 @@ class ForkServer:
             socket.send_fds(sock, [json.dumps(request).encode()],
                             [control.fileno(), *listener_fds])
             answer = sock.recv(MAX_MESSAGE)
-        except (OSError, socket.timeout) as exc:
+        except socket.timeout:
+            self.close()
+            if self.pid is not None:
+                os.kill(self.pid, signal.SIGKILL)  # hung, so not reaped yet
+            raise ForkServerError(f"the worker template (pid {self.pid}) did not answer a "
+                                  f"spawn within {SPAWN_TIMEOUT:g}s") from None
+        except OSError as exc:
             self.close()
             raise ForkServerError(f"the worker template did not answer a spawn: {exc}") from None
         finally:
@@ -244,7 +251,10 @@ class ForkServer:
         if not answer:
             self.close()
             raise ForkServerError("the worker template exited during a spawn")
-        reply = json.loads(answer)
+        try:
+            reply = json.loads(answer)
+        except ValueError:
+            reply = {"error": f"a malformed answer {answer[:80]!r}"}
         if "pid" not in reply:
             raise ForkServerError(f"the worker template cannot fork a worker: {reply.get('error')}")
         return int(reply["pid"])
@@ -303,7 +313,11 @@ def serve(fd: int) -> int:
         finally:
             for received in fds:
                 os.close(received)
-        sock.send(json.dumps(reply).encode())
+        try:
+            sock.send(json.dumps(reply).encode())
+        except OSError:
+            return 1   # the master is gone
+
 
 
 def _fork_worker(sock: socket.socket, fds: list[int], request: dict[str, Any],
@@ -316,13 +330,15 @@ def _fork_worker(sock: socket.socket, fds: list[int], request: dict[str, Any],
     if middle == 0:
         try:
             os.close(read_end)
+            # Before the worker exists: it is never the master's child under our name.
+            _set_process_name(name)   # the interpreter's, as a `python -m` worker has
             # Read by `python -m hapymaster.worker`; set here so a worker
             # looks the same both ways (the tests' fault hooks look for it).
             os.environ["HAPYMASTER_CONTROL_FD"] = str(fds[0])
             worker = os.fork()
             if worker == 0:
                 os.close(write_end)
-                _worker_child(sock, fds, request, run, name)
+                _worker_child(sock, fds, request, run)
             os.write(write_end, b"%d" % worker)
         except OSError as exc:
             os.write(write_end, f"-{exc}".encode())
@@ -340,12 +356,11 @@ def _fork_worker(sock: socket.socket, fds: list[int], request: dict[str, Any],
 
 
 def _worker_child(sock: socket.socket, fds: list[int], request: dict[str, Any],
-                  run: Any, name: bytes) -> None:
+                  run: Any) -> None:
     """The forked worker: undo what is the template's, then the worker's own main."""
     code: Any = 1
     try:
         sock.close()
-        _set_process_name(name)   # the interpreter's name, as a `python -m` worker has
         signal.signal(signal.SIGINT, signal.default_int_handler)
         # `random` reseeds itself after fork (os.register_at_fork); no event
         # loop exists in the template, so run() makes a fresh one.

@@ -167,6 +167,25 @@ def test_first_start_fails_when_the_template_cannot_start(master_factory, http_b
     assert "first start failed: the worker template cannot start" in master.log()
 
 
+def test_template_that_hangs_fails_the_reload_within_ready_timeout(master_factory, http_backend,
+                                                                   tmp_path):
+    backend = http_backend("s1")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address], ready_timeout="2s"))
+    old = master.workers()
+    template = template_of(master)
+    worker_fault(tmp_path, "template-hang-at-start")
+    os.kill(template, signal.SIGKILL)   # the reload must start a new one, which hangs
+    answer = master.reload()
+    assert answer.startswith("Success=0"), answer
+    assert "was not ready within 2s" in answer and "the previous workers keep serving" in answer
+    assert master.workers() == old and http_get(port)[0] == 200
+    hung = int(answer.split("the worker template (pid ")[1].split(")")[0])
+    wait_for(lambda: not pid_alive(hung), what="the hung template to be killed")
+    (tmp_path / "hooks" / "template-hang-at-start").unlink()
+    assert master.reload().startswith("Success=1")
+
+
 def test_master_sigkill_takes_the_template_and_the_workers_down(master_factory, http_backend):
     backend = http_backend("s1")
     master = master_factory(http_config(free_port(), [backend.address], workers=2))

@@ -12,7 +12,8 @@ the worker, so its intermediate process is left alone):
 - ``exit-at-start``: the worker exits with status 3 at once;
 - ``slow-start``: the next worker to start takes the file (it is renamed, so
   only one does), sleeps as many seconds as it says, then starts as usual;
-- ``template-exit-at-start``: the worker template exits with status 3 at once.
+- ``template-exit-at-start``: the worker template exits with status 3 at once;
+- ``template-hang-at-start``: the worker template hangs before it is ready.
 """
 
 import os
@@ -39,8 +40,10 @@ def _worker_faults() -> None:
 
 
 if _hooks:
-    if os.environ.get("HAPYMASTER_FORKSERVER_FD") and \
-            os.path.exists(os.path.join(_hooks, "template-exit-at-start")):
-        os._exit(3)
+    if os.environ.get("HAPYMASTER_FORKSERVER_FD"):
+        if os.path.exists(os.path.join(_hooks, "template-exit-at-start")):
+            os._exit(3)
+        if os.path.exists(os.path.join(_hooks, "template-hang-at-start")):
+            time.sleep(3600)
     _worker_faults()
     os.register_at_fork(after_in_child=_worker_faults)
