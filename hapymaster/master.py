@@ -674,6 +674,11 @@ class Master:
         if watchdog:
             loop.create_task(self._watchdog(watchdog))
         await self._done.wait()
+        if self._reloader is not None and not self._reloader.done():
+            # A reload cut short by the stop must still answer who asked
+            # (`hapymaster reload`): with its workers gone it ends at once.
+            await asyncio.wait([self._reloader], timeout=2.0)
+            await asyncio.sleep(0)  # the CLI connections waiting on it write the answer
         log.info("all workers gone, master exiting")
         return self.exit_code
 
