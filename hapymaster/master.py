@@ -599,6 +599,7 @@ class Master:
                                              self.config_text, state)
         except ReloadFailed as exc:  # the worker template is down: try again, backing off
             log.error("cannot restart worker #%d: %s", dead.index, exc)
+            dead.started_at = time.monotonic()  # not "up 30 s": keep backing off
             asyncio.ensure_future(self.restart_worker(dead))
             return
         try:
