@@ -158,6 +158,27 @@ def test_template_that_cannot_start_fails_the_reload_and_old_workers_keep_servin
     assert http_get(port)[0] == 200
 
 
+def test_worker_restart_waits_for_a_template_that_can_start(master_factory, http_backend,
+                                                            tmp_path):
+    backend = http_backend("s1")
+    port = free_port()
+    site = copy_of_package(tmp_path)
+    master = master_factory(http_config(port, [backend.address], workers=2),
+                            env={"PYTHONPATH": f"{HOOKS}{os.pathsep}{site}"})
+    first, second = master.workers()
+    stats = site / "hapymaster" / "worker" / "stats.py"
+    good = stats.read_text()
+    stats.write_text(good + "\ndef broken(:\n")
+    os.kill(template_of(master), signal.SIGKILL)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: "cannot restart worker #1: the worker template cannot start" in master.log(),
+             what="a failed restart")
+    assert master.workers() == [second] and http_get(port)[0] == 200
+    stats.write_text(good)
+    wait_for(lambda: len(master.workers()) == 2, what="worker #1 to be restarted")
+    assert http_get(port)[0] == 200
+
+
 def test_first_start_fails_when_the_template_cannot_start(master_factory, http_backend,
                                                           tmp_path):
     backend = http_backend("s1")
