@@ -42,7 +42,7 @@ import sys
 import traceback
 from typing import Any
 
-from .pdeathsig import die_with_parent, die_with_reaper
+from .pdeathsig import die_with_parent, die_with_reaper, set_process_name
 from .sdnotify import child_environment, setup_logging
 
 log = logging.getLogger("hapymaster.master")
@@ -60,31 +60,10 @@ MAX_MESSAGE = 65536
 # What `ps -o comm`, top and the journal's _COMM show for the template; its
 # command line is the same as its workers' (they are forks of it).
 TEMPLATE_NAME = b"hapymaster-tmpl"
-_PR_SET_NAME = 15
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 class ForkServerError(Exception):
     """The template could not be started or could not fork a worker."""
-
-
-def _prctl(option: int, arg: Any) -> None:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, arg, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
-
-
-def become_subreaper() -> None:
-    """Adopt orphaned descendants: workers forked by the template become our children."""
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-
-
-def _set_process_name(name: bytes) -> None:
-    try:
-        _prctl(_PR_SET_NAME, name[:15])
-    except OSError:
-        pass   # cosmetic only
 
 
 def _package_dir() -> str:
@@ -274,7 +253,7 @@ def serve(fd: int) -> int:
     setup_logging("worker")
     with open("/proc/self/comm", "rb") as comm:
         worker_name = comm.read().strip()
-    _set_process_name(TEMPLATE_NAME)
+    set_process_name(TEMPLATE_NAME)
     # Ctrl-C reaches the whole foreground process group; the master decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -331,7 +310,7 @@ def _fork_worker(sock: socket.socket, fds: list[int], request: dict[str, Any],
         try:
             os.close(read_end)
             # Before the worker exists: it is never the master's child under our name.
-            _set_process_name(name)   # the interpreter's, as a `python -m` worker has
+            set_process_name(name)   # the interpreter's, as a `python -m` worker has
             # Read by `python -m hapymaster.worker`; set here so a worker
             # looks the same both ways (the tests' fault hooks look for it).
             os.environ["HAPYMASTER_CONTROL_FD"] = str(fds[0])

@@ -29,7 +29,8 @@ from typing import Any, Awaitable, Callable
 
 from . import __version__
 from .config import Address, Config, ConfigError, parse_config, read_config
-from .forkserver import ForkServer, ForkServerError, become_subreaper
+from .forkserver import ForkServer, ForkServerError
+from .pdeathsig import become_subreaper
 from .sdnotify import monotonic_usec, notify, watchdog_interval
 
 log = logging.getLogger("hapymaster.master")

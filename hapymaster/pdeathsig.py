@@ -1,4 +1,5 @@
-"""Workers die with their master, even when the master is SIGKILLed."""
+"""Process relations, by prctl: workers die with their master, even when the
+master is SIGKILLed, and the master adopts the workers the template forks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,21 @@ import signal
 import time
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants: workers forked by the worker template become
+    our children (we reap them, see their exit status, and they can die with us)."""
+    if _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def set_process_name(name: bytes) -> None:
+    """The name ``ps -o comm``, top and the journal's _COMM show (15 bytes at most)."""
+    _libc.prctl(_PR_SET_NAME, name[:15], 0, 0, 0)   # cosmetic: a failure changes nothing
 
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
