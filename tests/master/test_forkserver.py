@@ -32,6 +32,18 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def sockets_of(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
 def template_of(master) -> int:  # type: ignore[no-untyped-def]
     """The master's one worker template (its child named hapymaster-tmpl)."""
     def find() -> list[int]:
@@ -62,6 +74,8 @@ def test_workers_are_forked_from_the_template_and_the_master_is_their_parent(
         assert ppid(worker) == master.pid        # adopted: the master reaps them
         assert comm(worker) != TEMPLATE_COMM
     assert ppid(template) == master.pid
+    # A worker holds none of the template's sockets (its socketpair to the master).
+    assert all(not sockets_of(worker) & sockets_of(template) for worker in workers)
     assert http_get(port)[0] == 200
     # The master is their reaper: a killed current worker is reaped and replaced.
     os.kill(workers[0], signal.SIGKILL)
