@@ -46,8 +46,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -55,8 +53,9 @@ from typing import Any, Awaitable, Callable
 from . import __version__, messages
 from .config import Address, Config, ConfigError, parse_config, read_config
 from .counters import CounterBook, Part
-from .pdeathsig import die_with_parent
-from .sdnotify import child_environment, monotonic_usec, notify, watchdog_interval
+from .forkserver import ForkServer, ForkServerError
+from .pdeathsig import become_subreaper
+from .sdnotify import monotonic_usec, notify, watchdog_interval
 
 log = logging.getLogger("hapymaster.master")
 
@@ -261,6 +260,7 @@ class Master:
         self._last_state: Any = None
         self._cli_server: asyncio.AbstractServer | None = None
         self.on_stop: list[Callable[[], None]] = []
+        self.forkserver = ForkServer()  # the worker template every worker is forked from
 
     # --- the process list ---------------------------------------------------
 
@@ -333,28 +333,37 @@ class Master:
 
         The worker gets ``control`` (its end of the socketpair) and the
         listening sockets; it reads its boot message on ``control``. This is
-        the only place that knows how a worker process comes to exist.
+        the only place that knows how a worker process comes to exist: it is
+        forked by the worker template (``hapymaster.forkserver``), which must
+        be running (``_template_ready``). Raises ForkServerError or OSError.
         """
-        env = child_environment()
-        env["HAPYMASTER_CONTROL_FD"] = str(control.fileno())
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hapymaster.worker"], env=env, stdin=subprocess.DEVNULL,
-            pass_fds=[control.fileno(), *listener_fds],
-            preexec_fn=functools.partial(die_with_parent, os.getpid()))
-        # We reap children ourselves (SIGCHLD); keep Popen from ever waiting too.
-        process.returncode = 0
-        return process.pid
+        return self.forkserver.spawn(control, listener_fds, os.getpid())
+
+    async def _template_ready(self, timeout: float, refresh: bool) -> None:
+        """Have a worker template running (``refresh``: one of the code on disk now).
+
+        Awaited while the supervisor goes on handling events.
+        """
+        prepare = self.forkserver.refresh if refresh else self.forkserver.ensure
+        task = asyncio.ensure_future(prepare(timeout))
+        task.add_done_callback(lambda _: self.post(Wake("worker template")))
+        if not await self._until(task.done, time.monotonic() + timeout + 1.0):
+            task.cancel()
+            raise ForkServerError(f"the worker template was not ready within {timeout:g}s")
+        task.result()
 
     def spawn_worker(self, generation: int, index: int, config: Config, text: str,
                      state: "asyncio.Future[Any]") -> Worker:
         """Start one worker, in the process list (INIT) when this returns.
 
-        Raises OSError when the process cannot be made (EMFILE, EAGAIN...).
+        Raises OSError when the process cannot be made (EMFILE, EAGAIN...),
+        ForkServerError when the worker template cannot fork it.
         """
         wanted = set(self.wanted_addresses(config))
         listeners = [(str(address), sock.fileno()) for address, sock in self.listeners.items()
                      if address in wanted]
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        started_at = time.monotonic()  # "READY in" counts the fork too
         try:
             pid = self._start_process(child_end, [fd for _, fd in listeners])
         except BaseException:
@@ -363,7 +372,7 @@ class Master:
         finally:
             child_end.close()
         worker = Worker(pid=pid, generation=generation, index=index,
-                        version=installed_version(), started_at=time.monotonic())
+                        version=installed_version(), started_at=started_at)
         self.processes.append(worker)
         log.info("started %s", worker.describe(),
                  extra={"HAPYMASTER_GENERATION": str(generation),
@@ -420,10 +429,10 @@ class Master:
             for index in range(1, config.global_.workers + 1):
                 workers.append(self.spawn_worker(self.last_generation, index, config, text,
                                                  state))
-        except OSError as exc:
+        except (OSError, ForkServerError) as exc:
             self.abandon(workers, "its generation could not be started")
-            raise ReloadFailed(f"cannot start worker #{len(workers) + 1}: "
-                               f"{exc.strerror or exc}",
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ReloadFailed(f"cannot start worker #{len(workers) + 1}: {reason}",
                                "the previous workers keep serving") from None
         return workers
 
@@ -450,7 +459,7 @@ class Master:
         """The one task that owns the process list: first start, then events and reloads."""
         try:
             await self.first_start()
-        except (ReloadFailed, OSError) as exc:
+        except (ReloadFailed, ForkServerError, OSError) as exc:
             log.error("first start failed: %s", exc)
             notify(f"STATUS=Start failed: {exc}")
             self.stopping = True
@@ -542,16 +551,30 @@ class Master:
 
     def _restart(self, index: int) -> None:
         """Replace a current worker that died (its slot is empty)."""
+        if not self.forkserver.running():
+            # The template died: start the next one meanwhile, try again after the backoff.
+            self._start_template()
+            self._schedule_restart(index)
+            return
         try:
             worker = self.spawn_worker(self.generation, index, self.config, self.config_text,
                                        self.read_state())
-        except OSError as exc:
+        except (OSError, ForkServerError) as exc:
             log.error("cannot start a replacement for worker #%d: %s", index, exc)
+            self._start_template()
             self._schedule_restart(index)
             return
         timeout = self.config.global_.ready_timeout
         worker.ready_deadline = worker.started_at + timeout
         asyncio.get_running_loop().call_later(timeout + 0.005, self.post, Wake("ready deadline"))
+
+    def _start_template(self) -> None:
+        def done(task: "asyncio.Future[None]") -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s", task.exception())
+            self.post(Wake("worker template"))
+        task = asyncio.ensure_future(self.forkserver.ensure(self.config.global_.ready_timeout))
+        task.add_done_callback(done)
 
     # --- events --------------------------------------------------------------------
 
@@ -581,7 +604,8 @@ class Master:
     def child_exited(self, pid: int, status: int) -> None:
         worker = self.find_worker(pid)
         if worker is None:
-            log.info("child %d exited (%s)", pid, describe_status(status))
+            what = "the worker template" if pid == self.forkserver.pid else "child"
+            log.info("%s %d exited (%s)", what, pid, describe_status(status))
             return
         self.processes.remove(worker)
         if worker.control is not None and not worker.control.gone.done():
@@ -616,6 +640,7 @@ class Master:
         or one is not READY within ready_timeout.
         """
         self.bind_new_listeners(self.config)
+        await self._template_ready(self.config.global_.ready_timeout, refresh=False)
         workers = self.start_generation(self.config, self.config_text)
         self.generation = self.last_generation
         timeout = self.config.global_.ready_timeout
@@ -671,6 +696,8 @@ class Master:
             config, text = self._load_config()
             counted = self.count_reload()
             added = self.bind_new_listeners(config)
+            # After an upgrade the new generation must run the new code.
+            await self._template_ready(config.global_.ready_timeout, refresh=True)
             workers = self.start_generation(config, text)
             await self._until(lambda: self.stopping or self._settled(workers),
                               time.monotonic() + config.global_.ready_timeout)
@@ -680,6 +707,8 @@ class Master:
             reasons = list(exc.errors)
         except ReloadFailed as exc:
             reasons = exc.reasons
+        except ForkServerError as exc:
+            reasons = [str(exc), "the previous workers keep serving"]
         finally:
             if not ready:
                 self.abandon(workers, "reload failed")
@@ -818,6 +847,7 @@ class Master:
         if self.stopping:
             return
         self.stopping = True
+        self.forkserver.close()
         notify("STOPPING=1", f"STATUS=Stopping ({why})")
         # New clients must be refused now, not left waiting in a backlog that
         # no worker will ever accept from again.
@@ -845,6 +875,7 @@ class Master:
 
     async def run(self, serve_cli: Callable[["Master"], Awaitable[asyncio.AbstractServer]]) -> int:
         loop = asyncio.get_running_loop()
+        become_subreaper()  # workers forked by the template are our children
         loop.add_signal_handler(signal.SIGCHLD, self.reap_children)
         for sig in (signal.SIGUSR2, signal.SIGHUP):
             loop.add_signal_handler(sig, self.post, ReloadAsked(False, None))
@@ -865,6 +896,7 @@ class Master:
     def close(self) -> None:
         if self._cli_server is not None:
             self._cli_server.close()
+        self.forkserver.close()
         for callback in self.on_stop:
             callback()
         self.close_listeners(list(self.listeners))

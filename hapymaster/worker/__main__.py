@@ -1,4 +1,6 @@
-"""Worker process entry: ``python -m hapymaster.worker``, started by the master.
+"""Worker process entry: ``run()``, called in a worker forked from the worker
+template (hapymaster/forkserver.py), or ``python -m hapymaster.worker`` (a
+fresh interpreter: tests, debugging), which calls the same ``run()``.
 
 1. Read the boot message (one JSON line) from the control socketpair whose fd
    is in HAPYMASTER_CONTROL_FD.
@@ -102,12 +104,24 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 def main() -> int:
+    """``python -m hapymaster.worker``: the control fd comes in HAPYMASTER_CONTROL_FD."""
     fd_text = os.environ.get("HAPYMASTER_CONTROL_FD", "")
-    setup_logging("worker")
     if not fd_text.isdigit():
+        setup_logging("worker")
         log.error("HAPYMASTER_CONTROL_FD is not set: a worker is started by the master")
         return 2
-    control_sock = socket.socket(fileno=int(fd_text))
+    return run(int(fd_text))
+
+
+def run(control_fd: int, fd_map: dict[int, int] | None = None) -> int:
+    """The worker's life, from the boot message to its exit code.
+
+    ``fd_map`` maps the master's listener fd numbers (those the boot message
+    names) to this process's: a forked worker received them by SCM_RIGHTS,
+    under other numbers. None: inherited across exec, same numbers.
+    """
+    setup_logging("worker")
+    control_sock = socket.socket(fileno=control_fd)
     control_sock.setblocking(True)
     try:
         boot, leftover = read_boot(control_sock)
@@ -146,7 +160,10 @@ def main() -> int:
                     AccessLog(loop, access_sink))
     try:
         apply_state(worker, boot.get("state"))
-        loop.run_until_complete(worker.open_listeners(list(boot.get("listeners") or [])))
+        listeners = list(boot.get("listeners") or [])
+        if fd_map is not None:
+            listeners = [{**entry, "fd": fd_map[entry["fd"]]} for entry in listeners]
+        loop.run_until_complete(worker.open_listeners(listeners))
         control_sock.setblocking(False)
         _, control = loop.run_until_complete(loop.create_unix_connection(
             lambda: ControlChannel(worker, leftover), sock=control_sock))

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from hapymaster.mcli import client
+from hapymaster.mclient import client
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = Path(__file__).resolve().parent / "hooks"

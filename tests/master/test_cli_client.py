@@ -1,0 +1,39 @@
+"""``hapymaster reload`` and ``ctl``, the clients systemd and scripts run: they
+must not import the master, the config parser or PyYAML to send one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from master_harness import free_port
+from test_master import http_config
+
+HEAVY = ["asyncio", "yaml", "hapymaster.config", "hapymaster.master", "hapymaster.mcli",
+         "hapymaster.worker"]
+
+PROBE = """\
+import json, sys
+from hapymaster import cli
+code = cli.main(sys.argv[1:])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}), file=sys.stderr)
+"""
+
+
+def run_client(*argv: str) -> tuple[int, str, set[str]]:
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True,
+                         timeout=60)
+    report = json.loads(out.stderr.strip().splitlines()[-1])
+    return report["code"], out.stdout, set(report["modules"])
+
+
+def test_reload_and_ctl_import_almost_nothing(master_factory, http_backend):
+    backend = http_backend("s1")
+    master = master_factory(http_config(free_port(), [backend.address]))
+    code, answer, modules = run_client("reload", "-S", master.socket_path)
+    assert code == 0 and answer.startswith("Success=1"), answer
+    assert not [name for name in HEAVY if name in modules], sorted(modules)
+    code, answer, modules = run_client("ctl", "-S", master.socket_path, "show", "proc")
+    assert code == 0 and "# workers" in answer
+    assert not [name for name in HEAVY if name in modules], sorted(modules)

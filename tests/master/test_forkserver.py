@@ -1,0 +1,234 @@
+"""The worker template (hapymaster/forkserver.py), end to end: real master,
+real template, real forked workers, real signals, real code on disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from master_harness import HOOKS, ROOT, free_port, http_get, pid_alive, wait_for, worker_fault
+from test_master import http_config
+
+TEMPLATE_COMM = "hapymaster-tmpl"
+
+
+def ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
+
+
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as handle:
+        return handle.read().strip()
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
+
+
+def sockets_of(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
+def template_of(master) -> int:  # type: ignore[no-untyped-def]
+    """The master's one worker template (its child named hapymaster-tmpl)."""
+    def find() -> list[int]:
+        return [c for c in children(master.pid) if pid_alive(c) and comm(c) == TEMPLATE_COMM]
+    templates = wait_for(find, what="the worker template")
+    assert len(templates) == 1, templates  # type: ignore[arg-type]
+    return templates[0]  # type: ignore[index]
+
+
+def copy_of_package(tmp_path: Path) -> Path:
+    """hapymaster copied under tmp_path, for a master started with it on PYTHONPATH:
+    the test can then change the code on disk as a package upgrade would."""
+    top = tmp_path / "site"
+    shutil.copytree(ROOT / "hapymaster", top / "hapymaster",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return top
+
+
+def test_workers_are_forked_from_the_template_and_the_master_is_their_parent(
+        master_factory, http_backend):
+    backend = http_backend("s1")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address], workers=2))
+    template = template_of(master)
+    workers = master.workers()
+    assert len(workers) == 2 and template not in workers
+    for worker in workers:
+        assert ppid(worker) == master.pid        # adopted: the master reaps them
+        assert comm(worker) != TEMPLATE_COMM
+    assert ppid(template) == master.pid
+    # A worker holds none of the template's sockets (its socketpair to the master).
+    assert all(not sockets_of(worker) & sockets_of(template) for worker in workers)
+    assert http_get(port)[0] == 200
+    # The master is their reaper: a killed current worker is reaped and replaced.
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: workers[0] not in master.workers() and len(master.workers()) == 2,
+             what="the killed worker to be replaced")
+    assert f"worker {workers[0]} (generation 1, #1) exited (killed by SIGKILL)" in master.log()
+    assert not pid_alive(workers[0])              # reaped, not left a zombie
+    replacement = next(p for p in master.workers() if p not in workers)
+    assert ppid(replacement) == master.pid
+    assert template_of(master) == template
+    wait_for(lambda: http_get(port)[0] == 200, what="the replacement to serve")
+
+
+def test_killed_template_is_restarted_when_next_needed(master_factory, http_backend):
+    backend = http_backend("s1")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address], workers=2))
+    template = template_of(master)
+    old = master.workers()
+    os.kill(template, signal.SIGKILL)
+    wait_for(lambda: f"the worker template {template} exited (killed by SIGKILL)" in master.log(),
+             what="the master to reap the template")
+    assert http_get(port)[0] == 200               # the workers do not need it
+    # A current worker that dies now is still replaced: through a new template.
+    os.kill(old[0], signal.SIGKILL)
+    wait_for(lambda: old[0] not in master.workers() and len(master.workers()) == 2,
+             what="the killed worker to be replaced")
+    restarted = template_of(master)
+    assert restarted != template
+    assert "the worker template (pid %d) is gone: starting a new one" % template in master.log()
+    old = master.workers()
+    answer = master.reload()
+    assert answer.startswith("Success=1"), answer
+    assert template_of(master) == restarted
+    new = master.workers()
+    assert len(new) == 2 and not set(new) & set(old)
+    assert all(ppid(worker) == master.pid for worker in new)
+    assert http_get(port)[0] == 200
+
+
+def test_stale_template_is_replaced_when_the_code_on_disk_changed(
+        master_factory, http_backend, tmp_path):
+    backend = http_backend("s1")
+    port = free_port()
+    site = copy_of_package(tmp_path)
+    master = master_factory(http_config(port, [backend.address]),
+                            env={"PYTHONPATH": f"{HOOKS}{os.pathsep}{site}"})
+    assert "Version: 0.1.0\n" in master.ctl("@1 show info")
+    template = template_of(master)
+    # Nothing changed: the same template forks the new generation.
+    assert master.reload().startswith("Success=1")
+    assert template_of(master) == template
+    # An "upgrade": the code on disk changes between two reloads. Same size,
+    # same mtime, as dpkg can leave it (it sets the mtime stored in the .deb).
+    init = site / "hapymaster" / "__init__.py"
+    before = init.stat()
+    init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.1.9"'))
+    os.utime(init, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert init.stat().st_size == before.st_size
+    answer = master.reload()
+    assert answer.startswith("Success=1"), answer
+    assert "Version: 0.1.9\n" in master.ctl("@1 show info")
+    assert template_of(master) != template
+    assert "the code on disk changed: replacing the worker template" in master.log()
+
+
+def test_template_that_cannot_start_fails_the_reload_and_old_workers_keep_serving(
+        master_factory, http_backend, notify_socket, tmp_path):
+    backend = http_backend("s1")
+    port = free_port()
+    site = copy_of_package(tmp_path)
+    master = master_factory(http_config(port, [backend.address], workers=2),
+                            env={"PYTHONPATH": f"{HOOKS}{os.pathsep}{site}"})
+    old = master.workers()
+    # A broken upgrade: a worker module no longer compiles.
+    stats = site / "hapymaster" / "worker" / "stats.py"
+    good = stats.read_text()
+    stats.write_text(good + "\ndef broken(:\n")
+    line = good.count("\n") + 2
+    mark = len(notify_socket.snapshot())
+    answer = master.reload()
+    assert answer.startswith("Success=0"), answer
+    assert f"the worker template cannot start: {stats}:{line}: SyntaxError" in answer, answer
+    assert "the previous workers keep serving" in answer
+    assert notify_socket.wait("READY", "1", after=mark)["STATUS"].startswith("Reload failed")
+    assert master.workers() == old
+    assert http_get(port)[0] == 200
+    assert "[failed: 1]" in master.ctl("show proc")
+    # Fixed on disk: the next reload starts a template and succeeds.
+    stats.write_text(good)
+    answer = master.reload()
+    assert answer.startswith("Success=1"), answer
+    assert not set(master.workers()) & set(old)
+    assert http_get(port)[0] == 200
+
+
+def test_worker_restart_waits_for_a_template_that_can_start(master_factory, http_backend,
+                                                            tmp_path):
+    backend = http_backend("s1")
+    port = free_port()
+    site = copy_of_package(tmp_path)
+    master = master_factory(http_config(port, [backend.address], workers=2),
+                            env={"PYTHONPATH": f"{HOOKS}{os.pathsep}{site}"})
+    first, second = master.workers()
+    stats = site / "hapymaster" / "worker" / "stats.py"
+    good = stats.read_text()
+    stats.write_text(good + "\ndef broken(:\n")
+    os.kill(template_of(master), signal.SIGKILL)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: "cannot restart worker #1: the worker template cannot start" in master.log(),
+             what="a failed restart")
+    assert master.workers() == [second] and http_get(port)[0] == 200
+    stats.write_text(good)
+    wait_for(lambda: len(master.workers()) == 2, what="worker #1 to be restarted")
+    assert http_get(port)[0] == 200
+
+
+def test_first_start_fails_when_the_template_cannot_start(master_factory, http_backend,
+                                                          tmp_path):
+    backend = http_backend("s1")
+    worker_fault(tmp_path, "template-exit-at-start")
+    master = master_factory(http_config(free_port(), [backend.address]), wait_ready=False)
+    assert master.wait_exit(20) == 1
+    assert "first start failed: the worker template cannot start" in master.log()
+
+
+def test_template_that_hangs_fails_the_reload_within_ready_timeout(master_factory, http_backend,
+                                                                   tmp_path):
+    backend = http_backend("s1")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address], ready_timeout="2s"))
+    old = master.workers()
+    template = template_of(master)
+    worker_fault(tmp_path, "template-hang-at-start")
+    os.kill(template, signal.SIGKILL)   # the reload must start a new one, which hangs
+    answer = master.reload()
+    assert answer.startswith("Success=0"), answer
+    assert "was not ready within 2s" in answer and "the previous workers keep serving" in answer
+    assert master.workers() == old and http_get(port)[0] == 200
+    hung = int(answer.split("the worker template (pid ")[1].split(")")[0])
+    wait_for(lambda: not pid_alive(hung), what="the hung template to be killed")
+    (tmp_path / "hooks" / "template-hang-at-start").unlink()
+    assert master.reload().startswith("Success=1")
+
+
+def test_master_sigkill_takes_the_template_and_the_workers_down(master_factory, http_backend):
+    backend = http_backend("s1")
+    master = master_factory(http_config(free_port(), [backend.address], workers=2))
+    assert master.reload().startswith("Success=1")   # workers of a reload, too
+    template = template_of(master)
+    processes = [template, *master.workers()]
+    master.process.kill()
+    master.process.wait(5)
+    # At once, by the kernel (PDEATHSIG armed once adopted by the master).
+    wait_for(lambda: not any(pid_alive(p) for p in processes), timeout=3,
+             what="the template and the workers to die")
