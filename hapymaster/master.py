@@ -553,25 +553,26 @@ class Master:
         """Replace a current worker that died (its slot is empty)."""
         if not self.forkserver.running():
             # The template died: start the next one meanwhile, try again after the backoff.
-            self._start_template()
+            self._start_template(f"cannot restart worker #{index}")
             self._schedule_restart(index)
             return
         try:
             worker = self.spawn_worker(self.generation, index, self.config, self.config_text,
                                        self.read_state())
         except (OSError, ForkServerError) as exc:
-            log.error("cannot start a replacement for worker #%d: %s", index, exc)
-            self._start_template()
+            log.error("cannot restart worker #%d: %s", index, exc)
+            self._start_template(f"cannot restart worker #{index}")
             self._schedule_restart(index)
             return
         timeout = self.config.global_.ready_timeout
         worker.ready_deadline = worker.started_at + timeout
         asyncio.get_running_loop().call_later(timeout + 0.005, self.post, Wake("ready deadline"))
 
-    def _start_template(self) -> None:
+    def _start_template(self, why: str) -> None:
+        """Start a worker template in the background; ``why`` says what waits for it."""
         def done(task: "asyncio.Future[None]") -> None:
             if not task.cancelled() and task.exception() is not None:
-                log.error("%s", task.exception())
+                log.error("%s: %s", why, task.exception())
             self.post(Wake("worker template"))
         task = asyncio.ensure_future(self.forkserver.ensure(self.config.global_.ready_timeout))
         task.add_done_callback(done)
