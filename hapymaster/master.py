@@ -297,10 +297,10 @@ class Master:
         added: list[Address] = []
         try:
             if not self._passed_taken:
+                # Not in ``added``: a start that fails must leave systemd's
+                # sockets in its store for the next master.
                 self._passed_taken = True
-                passed = take_passed_sockets(config, self.fdstore)
-                self.listeners.update(passed)
-                added.extend(passed)
+                self.listeners.update(take_passed_sockets(config, self.fdstore))
             for address in self.wanted_addresses(config):
                 if address not in self.listeners:
                     self.listeners[address] = bind_listener(address)

@@ -299,3 +299,20 @@ def test_extend_timeout_covers_the_first_start_and_the_stop(master_factory, http
     extend = notify_socket.wait("EXTEND_TIMEOUT_USEC", after=after)
     assert int(extend["EXTEND_TIMEOUT_USEC"]) >= 200_000_000
     assert master.wait_exit() == 0
+
+
+def test_failed_start_leaves_the_stored_sockets_in_the_store(master_factory, http_backend,
+                                                             notify_socket):
+    backend = http_backend("s1")
+    port, taken = free_port(), free_port()
+    stored = listening(port)
+    squatter = listening(taken)   # the master's own bind of this one fails
+    master = master_factory(config([("web", [port, taken])], [backend.address]),
+                            env={"FDSTORE": "16"}, wait_ready=False,
+                            listen=[(stored, f"hapy-127.0.0.1-{port}")])
+    assert master.wait_exit() != 0
+    assert f"cannot bind 127.0.0.1:{taken}" in master.log()
+    # The next master (Restart=on-failure) must find it in the store still.
+    assert not any("FDSTOREREMOVE" in m for m in notify_socket.snapshot())
+    stored.close()
+    squatter.close()
