@@ -23,9 +23,10 @@ log = logging.getLogger("hapymaster")
 # What systemd hands the main process only. A worker that inherited
 # NOTIFY_SOCKET could send READY=1 on the master's behalf (NotifyAccess=main
 # would drop it, but under NotifyAccess=all it would lie); LISTEN_* would make
-# a worker think the sockets are systemd's to take.
+# a worker think the sockets are systemd's to take; FDSTORE that it may store
+# fds (the store is the master's: hapymaster.sockets).
 _MASTER_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                    "LISTEN_PID", "LISTEN_FDNAMES")
+                    "LISTEN_PID", "LISTEN_FDNAMES", "FDSTORE")
 
 
 def notify(*fields: str, fds: list[int] | None = None) -> None:

@@ -11,15 +11,18 @@ behaviour under the real systemd is tests/system's.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
 import pytest
 
-from master_harness import free_port, http_get, pid_alive, wait_for, worker_fault
+from master_harness import ROOT, free_port, http_get, pid_alive, wait_for, worker_fault
 
 
 def config(frontends: list[tuple[str, list[int]]], servers: list[str], *, stats: int | None = None,
@@ -69,6 +72,13 @@ def line_of(text: str, needle: str) -> int:
     return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
 
 
+def store_holds(notify_socket, *names: str) -> None:
+    """Wait until the store is exactly ``names``: the harness reads NOTIFY_SOCKET in a
+    thread, so a datagram sent before the master's answer may not be read yet."""
+    wait_for(lambda: sorted(notify_socket.store()) == sorted(names), 10,
+             f"the fd store to hold {names}")
+
+
 def worker_environ(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/environ", "rb") as handle:
         items = handle.read().split(b"\0")
@@ -96,6 +106,40 @@ def test_passed_socket_serves_clients_that_connected_before_the_start(
     for pid in master.workers():
         assert not {"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"} & set(worker_environ(pid))
     sock.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate (package systemd) is not installed")
+def test_started_by_systemd_socket_activate_on_the_first_connection(http_backend, notify_socket,
+                                                                    tmp_path):
+    """systemd's own code sets LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES here, and
+    starts the master when the first client connects, as a .socket unit does."""
+    backend = http_backend("s1")
+    port = free_port()
+    config_path = tmp_path / "hapymaster.yaml"
+    config_path.write_text(config([("web", [port])], [backend.address]))
+    log_path = tmp_path / "activate.log"
+    env = {"PYTHONPATH": str(ROOT), "NOTIFY_SOCKET": notify_socket.path,
+           "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=web",
+             "-E", "PYTHONPATH", "-E", "NOTIFY_SOCKET", sys.executable, "-m", "hapymaster",
+             "-f", str(config_path), "-S", str(tmp_path / "master.sock")],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: b"Listening on" in log_path.read_bytes(), 10, "the socket to listen")
+        assert not notify_socket.snapshot()   # no master yet: the client starts it
+        assert http_get(port, "/first", timeout=30)[1].startswith("s1 /first")
+        notify_socket.wait("READY", "1")
+        assert b"passed from a socket unit" in log_path.read_bytes()
+    finally:
+        process.send_signal(signal.SIGTERM)   # the same pid: it execs the master
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
 
 
 def test_passed_sockets_match_by_name_for_frontends_and_stats(master_factory, http_backend):
@@ -194,8 +238,8 @@ def test_fd_store_keeps_clients_waiting_through_a_master_crash(
     port, stats = free_port(), free_port()
     text = config([("web", [port])], [backend.address], stats=stats)
     first = master_factory(text, env={"FDSTORE": "16"})
+    store_holds(notify_socket, f"hapy-127.0.0.1-{port}", f"hapy-127.0.0.1-{stats}")
     store = notify_socket.store()
-    assert sorted(store) == sorted([f"hapy-127.0.0.1-{port}", f"hapy-127.0.0.1-{stats}"])
     assert store[f"hapy-127.0.0.1-{port}"].getsockname() == ("127.0.0.1", port)
     prober = Prober(port)
     thread = threading.Thread(target=prober.run, daemon=True)
@@ -241,12 +285,13 @@ def test_fd_store_follows_reloads(master_factory, http_backend, notify_socket, t
     backend = http_backend("s1")
     one, two, three = free_port(), free_port(), free_port()
     master = master_factory(config([("web", [one])], [backend.address]), env={"FDSTORE": "16"})
-    assert sorted(notify_socket.store()) == [f"hapy-127.0.0.1-{one}"]
+    store_holds(notify_socket, f"hapy-127.0.0.1-{one}")
+    # The store is the master's: a worker has no business with FDSTORE.
+    assert all("FDSTORE" not in worker_environ(pid) for pid in master.workers())
 
     master.write_config(config([("web", [one, two])], [backend.address]))
     assert "Success=1" in master.reload()
-    assert sorted(notify_socket.store()) == sorted([f"hapy-127.0.0.1-{one}",
-                                                    f"hapy-127.0.0.1-{two}"])
+    store_holds(notify_socket, f"hapy-127.0.0.1-{one}", f"hapy-127.0.0.1-{two}")
 
     # A failed reload takes back the socket it added: systemd must not keep
     # the port bound for a config that never served.
@@ -255,13 +300,12 @@ def test_fd_store_follows_reloads(master_factory, http_backend, notify_socket, t
     assert "Success=0" in master.reload()
     (tmp_path / "hooks" / "exit-at-start").unlink()
     notify_socket.wait("FDSTOREREMOVE", "1")
-    assert sorted(notify_socket.store()) == sorted([f"hapy-127.0.0.1-{one}",
-                                                    f"hapy-127.0.0.1-{two}"])
+    store_holds(notify_socket, f"hapy-127.0.0.1-{one}", f"hapy-127.0.0.1-{two}")
     assert refused(three)
 
     master.write_config(config([("web", [two])], [backend.address]))
     assert "Success=1" in master.reload()
-    assert sorted(notify_socket.store()) == [f"hapy-127.0.0.1-{two}"]
+    store_holds(notify_socket, f"hapy-127.0.0.1-{two}")
     wait_for(lambda: refused(one), 10, f"127.0.0.1:{one} to be closed by everyone")
     assert http_get(two)[0] == 200
 
@@ -313,6 +357,9 @@ def test_failed_start_leaves_the_stored_sockets_in_the_store(master_factory, htt
     assert master.wait_exit() != 0
     assert f"cannot bind 127.0.0.1:{taken}" in master.log()
     # The next master (Restart=on-failure) must find it in the store still.
+    # STATUS=Start failed comes after anything the failed start sent.
+    wait_for(lambda: any(m.get("STATUS", "").startswith("Start failed")
+                         for m in notify_socket.snapshot()), 10, "STATUS=Start failed")
     assert not any("FDSTOREREMOVE" in m for m in notify_socket.snapshot())
     stored.close()
     squatter.close()
