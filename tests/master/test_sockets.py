@@ -224,16 +224,18 @@ class Prober:
             time.sleep(0.01)
 
 
-def kill_master(master) -> None:
-    """kill -9 the master; its workers die with it (PR_SET_PDEATHSIG)."""
+def kill_master(master, sig: signal.Signals = signal.SIGKILL) -> None:
+    """SIGKILL: a crash, the workers die with the master (PR_SET_PDEATHSIG).
+    SIGTERM: the stop half of ``systemctl restart``, the workers drain and exit."""
     workers = master.workers()
-    os.kill(master.pid, signal.SIGKILL)
-    master.process.wait(10)
-    wait_for(lambda: not any(pid_alive(pid) for pid in workers), 10, "the workers to die")
+    os.kill(master.pid, sig)
+    master.process.wait(20)
+    wait_for(lambda: not any(pid_alive(pid) for pid in workers), 10, "the workers to exit")
 
 
-def test_fd_store_keeps_clients_waiting_through_a_master_crash(
-        master_factory, http_backend, notify_socket):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["crash", "restart"])
+def test_fd_store_keeps_clients_waiting_through_a_master_crash_or_restart(
+        master_factory, http_backend, notify_socket, sig):
     backend = http_backend("s1")
     port, stats = free_port(), free_port()
     text = config([("web", [port])], [backend.address], stats=stats)
@@ -247,9 +249,10 @@ def test_fd_store_keeps_clients_waiting_through_a_master_crash(
     try:
         wait_for(lambda: prober.served >= 5, 20, "requests before the crash")
         prober.down.set()
-        kill_master(first)
-        # systemd would now restart the service (Restart=on-failure) and pass
-        # the stored sockets back; a client connects meanwhile and waits.
+        kill_master(first, sig)
+        # systemd would now start the service again (the restart job, or
+        # Restart=on-failure) and pass the stored sockets back; a client
+        # connects meanwhile and waits.
         wait_for(prober.connected_while_down.is_set, 20, "a client to connect while down")
         stored_before = len([m for m in notify_socket.snapshot() if m.get("FDSTORE") == "1"])
         after = len(notify_socket.snapshot())
@@ -264,6 +267,8 @@ def test_fd_store_keeps_clients_waiting_through_a_master_crash(
         thread.join(40)
     assert prober.failures == []
     assert prober.while_down >= 1
+    # A stop (the first half of a restart) keeps the store as it was.
+    assert not any("FDSTOREREMOVE" in m for m in notify_socket.snapshot())
     assert "from the fd store" in second.log()
     # What came back is still in the store: not sent again.
     assert len([m for m in notify_socket.snapshot() if m.get("FDSTORE") == "1"]) == stored_before
