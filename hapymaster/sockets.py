@@ -166,7 +166,10 @@ def match_passed(passed: list[Passed], config: Config) -> tuple[dict[Address, Pa
     binds = config_binds(config)
     wanted: dict[tuple[int, str, int], Bind] = {}
     for bind in binds:
-        family, _, _, sockaddr = _resolve(bind.address)
+        try:
+            family, _, _, sockaddr = _resolve(bind.address)
+        except OSError:
+            continue   # a host that does not resolve: bind_listener says so, with the address
         wanted.setdefault((family, sockaddr[0], sockaddr[1]), bind)
     matched: dict[Address, Passed] = {}
     by_name: list[Passed] = []

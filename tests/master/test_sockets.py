@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from hapymaster.config import parse_config
+from hapymaster.sockets import Passed, SocketError, match_passed
 from master_harness import ROOT, free_port, http_get, pid_alive, wait_for, worker_fault
 
 
@@ -368,3 +370,37 @@ def test_failed_start_leaves_the_stored_sockets_in_the_store(master_factory, htt
     assert not any("FDSTOREREMOVE" in m for m in notify_socket.snapshot())
     stored.close()
     squatter.close()
+
+
+# --- matching, in process: the edges of match_passed ------------------------------
+
+
+def test_matching_prefers_the_socket_unit_and_names_fill_binds_in_order():
+    a, b, c = (free_port() for _ in range(3))
+    parsed = parse_config(config([("web", [a, b]), ("api", [c])], ["127.0.0.1:1"]), "t.yaml")
+    unit_a = listening(a)
+    stored_a = socket.socket(fileno=os.dup(unit_a.fileno()))   # the store's copy of a
+    named_web, named_api = listening(free_port()), listening(free_port())
+    matched, stale = match_passed(
+        [Passed(stored_a, f"hapy-127.0.0.1-{a}"), Passed(unit_a, "hapymaster.socket"),
+         Passed(named_web, "web"), Passed(named_api, "api")], parsed)
+    by_port = {address.port: item for address, item in matched.items()}
+    assert by_port[a].name == "hapymaster.socket"
+    assert by_port[b].sock is named_web and by_port[c].sock is named_api
+    assert [item.name for item in stale] == [f"hapy-127.0.0.1-{a}"]
+    for sock in (unit_a, stored_a, named_web, named_api):
+        sock.close()
+
+
+def test_matching_too_many_sockets_for_a_name_is_an_error_at_the_frontend():
+    text = config([("web", [free_port()])], ["127.0.0.1:1"])
+    parsed = parse_config(text, "t.yaml")
+    one, two = listening(free_port()), listening(free_port())
+    with pytest.raises(SocketError) as failure:
+        match_passed([Passed(one, "web"), Passed(two, "web")], parsed)
+    assert failure.value.errors == [
+        f"t.yaml:{line_of(text, '- name: web')}: systemd passed a socket on "
+        f"127.0.0.1:{two.getsockname()[1]} (FileDescriptorName=web) that no frontend binds "
+        f"(every bind of 'web' has its socket already)"]
+    one.close()
+    two.close()
