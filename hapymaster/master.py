@@ -55,11 +55,11 @@ from .config import Address, Config, ConfigError, parse_config, read_config
 from .counters import CounterBook, Part
 from .forkserver import ForkServer, ForkServerError
 from .pdeathsig import become_subreaper
-from .sdnotify import monotonic_usec, notify, watchdog_interval
+from .sdnotify import extend_timeout, monotonic_usec, notify, watchdog_interval
+from .sockets import FdStore, SocketError, bind_listener, take_passed_sockets
 
 log = logging.getLogger("hapymaster.master")
 
-LISTEN_BACKLOG = 1024
 RESTART_BACKOFF_FIRST = 0.1
 RESTART_BACKOFF_MAX = 10.0
 # A replacement worker that stays up this long resets the backoff: it was a
@@ -72,6 +72,9 @@ COUNTERS_TIMEOUT = 1.5
 # closed by EOF once they are read. Should another process hold the worker's
 # end open, close ours after this long anyway.
 CHANNEL_LINGER = 2.0
+# Asked of systemd beyond the master's own bound on a first start
+# (ready_timeout) or a stop (hard_stop_after): binding, forking and reaping.
+EXTEND_TIMEOUT_MARGIN = 10.0
 
 
 class WorkerState(enum.Enum):
@@ -170,24 +173,6 @@ def installed_version() -> str:
         return __version__
 
 
-def bind_listener(address: Address) -> socket.socket:
-    infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
-    family, kind, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class WorkerChannel(messages.Channel):
     """The master's end of one worker's socketpair.
 
@@ -242,6 +227,8 @@ class Master:
         self.processes: list[Worker] = []
         self.exited: list[Worker] = []     # reaped, their channel not read to the end yet
         self.listeners: dict[Address, socket.socket] = {}
+        self.fdstore = FdStore.from_environment()
+        self._passed_taken = False     # systemd's LISTEN_FDS are taken by the first bind
         self.generation = 0            # the current generation (last that became READY)
         self.last_generation = 0       # the newest generation started, READY or not
         self.reloads = 0               # successful reloads
@@ -303,24 +290,47 @@ class Master:
         """Bind the addresses ``config`` needs that we do not hold yet.
 
         Existing sockets are kept as they are: a reload never rebinds, so no
-        client connecting during a reload is ever refused.
+        client connecting during a reload is ever refused. The first call
+        takes the sockets systemd passed (socket unit, fd store) before
+        binding the rest; a socket this master binds goes to the fd store.
         """
         added: list[Address] = []
         try:
+            if not self._passed_taken:
+                # Not in ``added``: a start that fails must leave systemd's
+                # sockets in its store for the next master.
+                self._passed_taken = True
+                self.listeners.update(take_passed_sockets(config, self.fdstore))
             for address in self.wanted_addresses(config):
                 if address not in self.listeners:
                     self.listeners[address] = bind_listener(address)
                     added.append(address)
+                    self.fdstore.keep(address, self.listeners[address])
+        except SocketError as exc:
+            raise ReloadFailed(*exc.errors) from None
         except OSError as exc:
             self.close_listeners(added)
             raise ReloadFailed(f"{config.source}: cannot bind {address}: {exc.strerror}") from None
         return added
 
     def close_listeners(self, addresses: list[Address]) -> None:
+        """Close listeners this master is done with, in the fd store too."""
         for address in addresses:
             sock = self.listeners.pop(address, None)
             if sock is not None:
                 sock.close()
+            self.fdstore.forget(address)
+
+    def release_listeners(self) -> None:
+        """Close this master's copy of every listener, and keep the fd store's.
+
+        With the store, systemd still holds each socket: clients wait in the
+        backlog for the next master (a restart, or after a crash). Without
+        it, or once systemd empties the store on a real stop, they are refused.
+        """
+        for sock in self.listeners.values():
+            sock.close()
+        self.listeners.clear()
 
     def close_unused_listeners(self) -> None:
         wanted = set(self.wanted_addresses(self.config))
@@ -850,9 +860,11 @@ class Master:
         self.stopping = True
         self.forkserver.close()
         notify("STOPPING=1", f"STATUS=Stopping ({why})")
-        # New clients must be refused now, not left waiting in a backlog that
-        # no worker will ever accept from again.
-        self.close_listeners(list(self.listeners))
+        extend_timeout(self.config.global_.hard_stop_after + EXTEND_TIMEOUT_MARGIN)
+        # New clients must not wait in a backlog that no worker of ours will
+        # ever accept from again: refused now, or kept for the next master by
+        # systemd's fd store.
+        self.release_listeners()
         log.info("stopping (%s): soft-stopping %d worker(s)", why, len(self.processes))
         for worker in list(self.processes):
             worker.state = WorkerState.LEAVING
@@ -884,6 +896,9 @@ class Master:
         loop.add_signal_handler(signal.SIGTERM, self.post, StopAsked("SIGTERM"))
         loop.add_signal_handler(signal.SIGINT, self.post, StopAsked("SIGINT"))
         self._cli_server = await serve_cli(self)
+        # A ready_timeout longer than TimeoutStartSec= must not get a healthy,
+        # slow first start killed.
+        extend_timeout(self.config.global_.ready_timeout + EXTEND_TIMEOUT_MARGIN)
         watchdog = watchdog_interval()
         if watchdog:
             loop.create_task(self._watchdog(watchdog))
@@ -900,7 +915,7 @@ class Master:
         self.forkserver.close()
         for callback in self.on_stop:
             callback()
-        self.close_listeners(list(self.listeners))
+        self.release_listeners()
 
 
 def describe_status(status: int) -> str:

@@ -28,19 +28,36 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # What systemd hands the main process only. A worker that inherited
 # NOTIFY_SOCKET could send READY=1 on the master's behalf (NotifyAccess=main
 # would drop it, but under NotifyAccess=all it would lie); LISTEN_* would make
-# a worker think the sockets are systemd's to take.
+# a worker think the sockets are systemd's to take; FDSTORE that it may store
+# fds (the store is the master's: hapymaster.sockets).
 _MASTER_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                    "LISTEN_PID", "LISTEN_FDNAMES")
+                    "LISTEN_PID", "LISTEN_FDNAMES", "FDSTORE")
 
 
-def notify(*fields: str) -> None:
-    """Send ``FIELD=value`` lines to systemd; a no-op when not run by systemd."""
+def notify(*fields: str, fds: list[int] | None = None) -> None:
+    """Send ``FIELD=value`` lines to systemd; a no-op when not run by systemd.
+
+    ``fds`` go along as SCM_RIGHTS (``FDSTORE=1``): systemd keeps a copy.
+    """
     if not os.environ.get("NOTIFY_SOCKET") or _daemon is None:
         return
     try:
-        _daemon.notify("\n".join(fields))
+        if fds:
+            _daemon.notify("\n".join(fields), fds=fds)
+        else:
+            _daemon.notify("\n".join(fields))
     except OSError as exc:
         log.warning("sd_notify failed: %s", exc)
+
+
+def extend_timeout(seconds: float) -> None:
+    """Ask systemd for ``seconds`` more before it calls the current start or stop late.
+
+    systemd never shortens TimeoutStartSec=/TimeoutStopSec= this way, it only
+    allows more: a master whose own bound (ready_timeout, hard_stop_after) is
+    longer than the unit's is not killed while it keeps that bound.
+    """
+    notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
 
 def monotonic_usec() -> int:

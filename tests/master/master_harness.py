@@ -3,6 +3,7 @@ test owns, real backends on 127.0.0.1, the master CLI, real signals."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
@@ -82,7 +83,12 @@ def connection_owner(sock: socket.socket, pids: list[int]) -> int | None:
 
 
 class NotifySocket:
-    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET.
+
+    Like systemd with FileDescriptorStoreMax=, it keeps the fds that come with
+    ``FDSTORE=1`` (SCM_RIGHTS) under their FDNAME, and closes them on
+    ``FDSTOREREMOVE=1``: ``stored`` is what systemd would pass the next master.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -90,6 +96,7 @@ class NotifySocket:
         self.sock.bind(path)
         self.messages: list[dict[str, str]] = []
         self.raw: list[str] = []
+        self.stored: dict[str, socket.socket] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -97,7 +104,7 @@ class NotifySocket:
     def _read(self) -> None:
         while True:
             try:
-                data = self.sock.recv(65536)
+                data, fds, _, _ = socket.recv_fds(self.sock, 65536, 16)
             except OSError:
                 return
             text = data.decode()
@@ -105,6 +112,22 @@ class NotifySocket:
             with self._lock:
                 self.raw.append(text)
                 self.messages.append(fields)
+                if fields.get("FDSTORE") == "1" and len(fds) == 1:
+                    old = self.stored.pop(fields.get("FDNAME", "stored"), None)
+                    if old is not None:
+                        old.close()
+                    self.stored[fields.get("FDNAME", "stored")] = socket.socket(fileno=fds[0])
+                    fds = []
+                elif fields.get("FDSTOREREMOVE") == "1":
+                    old = self.stored.pop(fields.get("FDNAME", ""), None)
+                    if old is not None:
+                        old.close()
+            for fd in fds:
+                os.close(fd)
+
+    def store(self) -> dict[str, socket.socket]:
+        with self._lock:
+            return dict(self.stored)
 
     def snapshot(self) -> list[dict[str, str]]:
         with self._lock:
@@ -122,6 +145,10 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+        with self._lock:
+            for sock in self.stored.values():
+                sock.close()
+            self.stored.clear()
 
 
 @pytest.fixture
@@ -282,32 +309,64 @@ class MasterProcess:
         return self.process.wait(timeout)
 
 
+# How systemd starts a socket-activated service: the passed sockets as fds
+# 3.., LISTEN_FDS/LISTEN_FDNAMES, and LISTEN_PID set to the pid of the process
+# that will read them, which only that process knows; so a tiny wrapper sets
+# it and execs the master (same pid). The test's sockets come in on fds >= 100
+# so that moving them to 3.. never overwrites one not moved yet.
+_LISTEN_WRAPPER = """
+import os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+for target, fd in enumerate(fds, 3):
+    os.dup2(fd, target)
+    os.close(fd)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+PASSED_FD_BASE = 100
+
+
 @pytest.fixture
 def master_factory(tmp_path: Path, notify_socket: NotifySocket) -> Iterator[Callable[..., MasterProcess]]:
     """Start masters: ``master_factory(config_text, env={...}, wait_ready=True)``."""
     started: list[MasterProcess] = []
 
     def start(config: str, *, env: dict[str, str] | None = None, wait_ready: bool = True,
-              notify: bool = True, name: str = "hapymaster.yaml") -> MasterProcess:
+              notify: bool = True, name: str = "hapymaster.yaml",
+              listen: list[tuple[socket.socket, str]] | None = None) -> MasterProcess:
+        """``listen``: sockets and their FileDescriptorName=, passed as systemd would."""
         config_path = tmp_path / name
         config_path.write_text(textwrap.dedent(config))
         socket_path = str(tmp_path / f"master-{len(started)}.sock")
         log_path = tmp_path / f"master-{len(started)}.log"
         environment = {k: v for k, v in os.environ.items()
                        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
-                                    "JOURNAL_STREAM")}
+                                    "JOURNAL_STREAM", "LISTEN_FDS", "LISTEN_PID",
+                                    "LISTEN_FDNAMES", "FDSTORE")}
         environment["PYTHONPATH"] = os.pathsep.join(
             [str(HOOKS), str(ROOT)] + ([environment["PYTHONPATH"]] if "PYTHONPATH" in environment else []))
         environment["HAPYMASTER_TEST_HOOKS"] = str(tmp_path / "hooks")
         if notify:
             environment["NOTIFY_SOCKET"] = notify_socket.path
         environment.update(env or {})
+        command = [sys.executable, "-m", "hapymaster", "-f", str(config_path), "-S", socket_path]
+        passed: list[int] = []
+        if listen:
+            passed = [fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, PASSED_FD_BASE)
+                      for sock, _ in listen]
+            environment["LISTEN_FDS"] = str(len(listen))
+            environment["LISTEN_FDNAMES"] = ":".join(fd_name for _, fd_name in listen)
+            command = [sys.executable, "-c", _LISTEN_WRAPPER,
+                       ",".join(map(str, passed)), *command[1:]]
         log_file = open(log_path, "wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hapymaster", "-f", str(config_path), "-S", socket_path],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            env=environment, cwd=str(tmp_path))
-        log_file.close()
+        try:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                env=environment, cwd=str(tmp_path), pass_fds=passed)
+        finally:
+            log_file.close()
+            for fd in passed:
+                os.close(fd)
         handle = MasterProcess(process, config_path, socket_path, log_path,
                                notify_socket if notify else None)
         started.append(handle)
