@@ -1,8 +1,14 @@
 """Fixtures for the packaging and real-systemd tests (helpers.py has what they hand out).
 
-``deb_packages``  the .deb built from this tree (and an "upgrade" build of the
-                  same tree with a bumped version), in a temporary directory.
-``rootfs_tar``    a Debian 12 minbase rootfs with systemd and hapymaster's
+``suite``         the Debian release (bookworm, trixie): every module that
+                  uses the fixtures below runs once per suite.
+``deb_packages``  the .deb built from this tree for that suite (and an
+                  "upgrade" build of the same tree with a bumped version), by
+                  packaging/build-deb --chroot in the suite's build chroot
+                  (packaging/make-build-chroot: minbase + Build-Depends +
+                  lintian), which is made once by debootstrap and cached as a
+                  tarball in CACHE_DIR.
+``rootfs_tar``    a minbase rootfs of that suite with systemd and hapymaster's
                   runtime dependencies, made once by debootstrap (~45 s) and
                   cached as a tarball outside the repository, so the container
                   needs no network at test time.
@@ -26,13 +32,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from .helpers import REPO, SYSTEM_PATH, UPGRADE_VERSION, Container, DebPackages, run
 
 PR_SET_PDEATHSIG = 1
-SUITE = "bookworm"
+# Debian 12 (systemd 252, Python 3.11) and Debian 13 (systemd 257, Python 3.13).
+SUITES = ("bookworm", "trixie")
 
 
 def _host_mirror(sources: str = "/etc/apt/sources.list.d/debian.sources") -> str:
@@ -118,56 +126,124 @@ def _bump_version(tree: Path, version: str) -> None:
         + changelog.read_text())
 
 
-def _build(tree: Path, out: Path) -> Path:
-    run([str(tree / "packaging" / "build-deb"), str(out)], timeout=300)
+def _build(tree: Path, chroot: Path, out: Path) -> Path:
+    run([str(tree / "packaging" / "build-deb"), "--chroot", str(chroot), str(out)], timeout=600)
     debs = sorted(out.glob("hapymaster_*_all.deb"))
     assert len(debs) == 1, debs
     return debs[0]
 
 
+class PackageBuilds:
+    """Per suite, once a session: the build chroot extracted from its cached
+    tarball, and the .deb (current and upgrade) built in it by build-deb --chroot."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.built: dict[str, DebPackages] = {}
+
+    def get(self, suite: str) -> DebPackages:
+        if suite not in self.built:
+            tarball = build_chroot_tarball(suite)
+            t0 = time.monotonic()
+            chroot = extract(tarball, self.base / f"{suite}-chroot")
+            current = _build(REPO, chroot, self.base / f"{suite}-current")
+            upgrade_tree = self.base / f"{suite}-upgrade-src"
+            _copy_tree(upgrade_tree)
+            _bump_version(upgrade_tree, UPGRADE_VERSION)
+            upgrade = _build(upgrade_tree, chroot, self.base / f"{suite}-upgrade")
+            shutil.rmtree(upgrade_tree)
+            print(f"\n{suite}: chroot extracted and 2 packages built in "
+                  f"{time.monotonic() - t0:.1f}s", file=sys.stderr)
+            self.built[suite] = DebPackages(suite, current, upgrade, chroot)
+        return self.built[suite]
+
+
 @pytest.fixture(scope="session")
-def deb_packages(tmp_path_factory) -> DebPackages:
-    _require_tools("dpkg-buildpackage", "dh", "rst2man")
-    base = tmp_path_factory.mktemp("deb")
-    current = _build(REPO, base / "current")
-    upgrade_tree = base / "upgrade-src"
-    _copy_tree(upgrade_tree)
-    _bump_version(upgrade_tree, UPGRADE_VERSION)
-    upgrade = _build(upgrade_tree, base / "upgrade")
-    shutil.rmtree(upgrade_tree)
-    return DebPackages(current, upgrade)
+def package_builds(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("building in a chroot needs root")
+    _require_tools("debootstrap", "unshare", "chroot", "tar")
+    builds = PackageBuilds(tmp_path_factory.mktemp("deb"))
+    yield builds
+    for debs in builds.built.values():  # ~0.5 GB each; the .debs stay for a look
+        shutil.rmtree(debs.chroot, ignore_errors=True)
 
 
-# --- the root file system -------------------------------------------------
+@pytest.fixture(scope="module", params=SUITES)
+def suite(request) -> str:
+    """The Debian release a module's tests run on: each module runs once per suite."""
+    return request.param
 
 
-@pytest.fixture(scope="session")
-def rootfs_tar() -> Path:
+@pytest.fixture(scope="module")
+def deb_packages(suite: str, package_builds: PackageBuilds) -> DebPackages:
+    return package_builds.get(suite)
+
+
+# --- the root file systems ------------------------------------------------
+
+
+def _cached_tarball(name: str, inputs: str, make: Callable[[Path], None]) -> Path:
+    """A root file system made once by ``make(root)`` and kept as a tarball in
+    CACHE_DIR, keyed by what went into it (``inputs``), so later runs need no network."""
+    key = hashlib.sha256(inputs.encode()).hexdigest()[:12]
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tarball = CACHE_DIR / f"{name}-{key}.tar"
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        # Two test runs at once build each cache once.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if tarball.exists():
+            return tarball
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
+            root = Path(tmp) / "root"
+            make(root)
+            partial = Path(tmp) / "rootfs.tar"
+            run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(partial), "."],
+                timeout=300)
+            partial.rename(tarball)  # atomic: a killed run leaves no half tarball
+        print(f"\n{tarball.name}: made in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    return tarball
+
+
+def extract(tarball: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    run(["tar", "--numeric-owner", "--xattrs", "-C", str(dest), "-xf", str(tarball)], timeout=300)
+    return dest
+
+
+def rootfs_tarball(suite: str) -> Path:
+    """A minbase rootfs of ``suite`` with systemd and hapymaster's runtime dependencies."""
+    def make(root: Path) -> None:
+        run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}",
+             suite, str(root), MIRROR], timeout=900)
+        # Nothing of apt's download cache is needed in the image.
+        shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
+        (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+    return _cached_tarball(f"{suite}-rootfs", f"{suite} {MIRROR} {' '.join(ROOTFS_PACKAGES)}",
+                           make)
+
+
+def build_chroot_tarball(suite: str) -> Path:
+    """The build chroot of ``suite`` (packaging/make-build-chroot), keyed by the
+    Build-Depends it was made from."""
+    script = REPO / "packaging" / "make-build-chroot"
+    control = (REPO / "debian" / "control").read_text()
+    build_deps = re.search(r"(?ms)^Build-Depends:(.*?)^\S", control)
+    assert build_deps, "debian/control has no Build-Depends"
+    inputs = f"{suite} {MIRROR} {build_deps.group(1)} {script.read_text()}"
+    return _cached_tarball(f"{suite}-build", inputs,
+                           lambda root: run([str(script), suite, str(root), MIRROR], timeout=900))
+
+
+@pytest.fixture(scope="module")
+def rootfs_tar(suite: str) -> Path:
     reason = _why_no_nspawn()
     if reason:
         print(f"\nSKIP nspawn system test: {reason}", file=sys.stderr)
         pytest.skip(reason)
     _require_tools("debootstrap", "systemd-nspawn", "nsenter", "tar")
-    key = hashlib.sha256(f"{SUITE} {MIRROR} {' '.join(ROOTFS_PACKAGES)}".encode()).hexdigest()[:12]
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tarball = CACHE_DIR / f"{SUITE}-rootfs-{key}.tar"
-    with open(CACHE_DIR / ".lock", "w") as lock:
-        # Two test runs at once build the cache once.
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if tarball.exists():
-            return tarball
-        with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
-            root = Path(tmp) / "root"
-            run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}",
-                 SUITE, str(root), MIRROR], timeout=600)
-            # Nothing of apt's download cache is needed in the image.
-            shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
-            (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
-            partial = Path(tmp) / "rootfs.tar"
-            run(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", str(partial), "."],
-                timeout=300)
-            partial.rename(tarball)  # atomic: a killed run leaves no half tarball
-    return tarball
+    return rootfs_tarball(suite)
 
 
 # --- the container --------------------------------------------------------
@@ -233,17 +309,14 @@ def _stop_container(c: Container) -> None:
 
 
 @pytest.fixture(scope="module")
-def container(rootfs_tar: Path, deb_packages: DebPackages, tmp_path_factory):
-    base = tmp_path_factory.mktemp("nspawn")
-    rootfs = base / "rootfs"
-    rootfs.mkdir()
+def container(suite: str, rootfs_tar: Path, deb_packages: DebPackages, tmp_path_factory):
+    base = tmp_path_factory.mktemp(f"nspawn-{suite}")
     t0 = time.monotonic()
-    run(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-xf", str(rootfs_tar)],
-        timeout=300)
+    rootfs = extract(rootfs_tar, base / "rootfs")
     for deb, name in ((deb_packages.current, "hapymaster.deb"),
                       (deb_packages.upgrade, "hapymaster-upgrade.deb")):
         shutil.copy2(deb, rootfs / "root" / name)
-    machine = f"hapytest-{os.getpid()}"
+    machine = f"hapytest-{suite}-{os.getpid()}"
     cmd = ["systemd-nspawn", "--quiet", "-D", str(rootfs), "--boot", f"--machine={machine}",
            "--register=no", "--private-network", "--link-journal=no", "--console=read-only",
            "--resolv-conf=off", "--timezone=off"]
@@ -269,7 +342,7 @@ def container(rootfs_tar: Path, deb_packages: DebPackages, tmp_path_factory):
     with open(log, "wb") as out:
         nspawn = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                   preexec_fn=enter_cgroups, env={"PATH": SYSTEM_PATH})
-    c = Container(rootfs, nspawn, 0, log, cgroups)
+    c = Container(rootfs, nspawn, 0, log, cgroups, suite)
     try:
         c.leader = _leader(nspawn, time.monotonic() + 30)
         deadline = time.monotonic() + 60

@@ -27,8 +27,13 @@ def run(cmd: list[str], timeout: float = 120, check: bool = True,
 
 @dataclass
 class DebPackages:
+    suite: str
     current: Path
     upgrade: Path
+    chroot: Path  # the suite's build chroot they were built in (lintian is there)
+
+    def buildinfo(self) -> str:
+        return next(self.current.parent.glob("*.buildinfo")).read_text()
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Container:
     leader: int  # PID (host view) of the container's systemd
     log: Path
     cgroups: list[Path] = field(default_factory=list)
+    suite: str = "bookworm"
 
     def sh(self, script: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         """Run a shell script inside the container, as root, in all its namespaces."""
