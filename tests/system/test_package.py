@@ -38,7 +38,8 @@ def test_package_contents_and_dependencies(deb_packages: DebPackages):
         assert dep in depends, depends
     files = run(["dpkg-deb", "-c", deb]).stdout
     for path in ("./usr/bin/hapymaster", "./etc/hapymaster/hapymaster.yaml",
-                 "/systemd/system/hapymaster.service", "./usr/lib/sysusers.d/hapymaster.conf",
+                 "/systemd/system/hapymaster.service", "/systemd/system/hapymaster.socket",
+                 "./usr/lib/sysusers.d/hapymaster.conf",
                  "./usr/share/man/man1/hapymaster.1.gz",
                  "./usr/share/man/man5/hapymaster.yaml.5.gz",
                  "./usr/share/doc/hapymaster/examples/notify-reload.conf",
