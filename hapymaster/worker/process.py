@@ -139,6 +139,10 @@ class Worker:
         self.parked_any = False
         self.sessions: set[Any] = set()
         self.stopping = False
+        # How long a soft-stopped worker keeps an idle keep-alive client
+        # connection; never beyond hard_stop_after, when the master kills it.
+        self.soft_stop_grace = min(config.global_.soft_stop_grace,
+                                   config.global_.hard_stop_after)
         self.exit_future: asyncio.Future = loop.create_future()
         self.control: Any = None
         self.stats_listener: Listener | None = None
@@ -270,7 +274,15 @@ class Worker:
     # --- stopping ---------------------------------------------------------------
 
     def soft_stop(self, reason: str = "soft stop") -> None:
-        """Stop accepting, let busy connections finish, then exit 0."""
+        """Stop accepting, let busy connections finish, then exit 0.
+
+        Every session decides for itself what finishing means (an HTTP
+        client connection answers its request in flight with Connection:
+        close, an idle one waits ``soft_stop_grace`` for a last request; a
+        TCP session runs until its peers end it). Idle pooled server
+        connections have nothing left to do: they are closed now, and no
+        connection goes back to the pool from here on.
+        """
         if self.stopping:
             return
         log.info("%s: closing listeners, %d connection(s) to finish", reason, len(self.sessions))
@@ -278,11 +290,13 @@ class Worker:
         self._close_listeners()
         if self.checks is not None:
             self.checks.stop()
+        for backend in self.backends.values():
+            for server in backend.servers:
+                server.close_idle()
+        # Parked connections (accepted beyond maxconn) are served too, as
+        # slots free: their clients sent a request to this worker.
         for session in list(self.sessions):
             session.soft_stop()
-        for fe in self.frontends:
-            for session in list(fe.parked):
-                session.abort()
         self._finish_stop_when_idle()
 
     def hard_stop(self, reason: str = "stop") -> None:
