@@ -27,48 +27,72 @@ BACKLOG = 4096
 
 
 class Listener:
-    """One inherited listening socket, served by an asyncio server we can pause."""
+    """One inherited listening socket, served by an asyncio server we can pause.
 
-    def __init__(self, worker: "Worker", sock: socket.socket, factory: Callable[[], Any]):
-        self.worker = worker
+    ``pause``, ``resume`` and ``close`` may come at any time, also while
+    ``start`` is awaiting the event loop: ``accepting`` and ``closed`` say
+    what is wanted and ``start`` checks them when its await returns. The
+    server object is stored before it starts serving, so that a connection
+    accepted in its first loop pass (maxconn reached: pause; a soft stop:
+    close) finds it and stops it, instead of leaving it accepting.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 factory: Callable[[], asyncio.BaseProtocol]):
+        self.loop = loop
         self.sock = sock
         self.factory = factory
-        self.server: Any = None
-        self.wanted = True
-        self._busy = False
+        self.server: asyncio.AbstractServer | None = None
+        self.accepting = True      # False while paused (maxconn)
+        self.closed = False        # for good: soft or hard stop
+        self.starting = False
 
     async def start(self) -> None:
-        # The asyncio server gets a duplicate: closing it (to pause at maxconn)
-        # must not close the socket the master bound for every generation.
-        dup = socket.socket(fileno=os.dup(self.sock.fileno()))
-        dup.setblocking(False)
-        self.server = await self.worker.loop.create_server(self.factory, sock=dup,
-                                                           backlog=BACKLOG)
+        if self.starting or self.server is not None or self.closed or not self.accepting:
+            return
+        self.starting = True
+        try:
+            # The asyncio server gets a duplicate: closing it (to pause at
+            # maxconn) must not close the socket the master bound for every
+            # generation.
+            dup = socket.socket(fileno=os.dup(self.sock.fileno()))
+            dup.setblocking(False)
+            server = await self.loop.create_server(self.factory, sock=dup, backlog=BACKLOG,
+                                                   start_serving=False)
+        finally:
+            self.starting = False
+        if self.closed or not self.accepting:
+            server.close()      # paused or closed while we were waiting
+            return
+        self.server = server
+        await server.start_serving()
 
     def pause(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        self.accepting = False
+        self._stop_server()
 
     def resume(self) -> None:
-        if self.server is None and not self._busy and self.wanted:
-            self._busy = True
-
-            async def restart() -> None:
-                try:
-                    if self.wanted and self.server is None:
-                        await self.start()
-                finally:
-                    self._busy = False
-            asyncio.ensure_future(restart())
+        self.accepting = True
+        if self.server is None and not self.starting and not self.closed:
+            asyncio.ensure_future(self.start()).add_done_callback(self._started)
 
     def close(self) -> None:
-        self.wanted = False
-        self.pause()
+        self.closed = True
+        self._stop_server()
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def _stop_server(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
+
+    @staticmethod
+    def _started(future: "asyncio.Future[None]") -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("cannot accept again on a listener: %s", future.exception())
 
 
 class FrontendState:
@@ -180,7 +204,7 @@ class Worker:
                     factory = (lambda fe=fe: HttpClient(self, fe))
                 else:
                     factory = (lambda fe=fe: TcpClient(self, fe))
-                listener = Listener(self, sock, factory)
+                listener = Listener(self.loop, sock, factory)
                 await listener.start()
                 fe.listeners.append(listener)
         stats = self.config.global_.stats
@@ -189,7 +213,7 @@ class Worker:
             if sock is None:
                 raise RuntimeError(f"the master passed no socket for stats bind {stats.bind}")
             from hapymaster.worker.stats import StatsHttp
-            self.stats_listener = Listener(self, sock, lambda: StatsHttp(self))
+            self.stats_listener = Listener(self.loop, sock, lambda: StatsHttp(self))
             await self.stats_listener.start()
         for address, sock in by_address.items():
             log.warning("listener %s matches no frontend, closing it here", address)
