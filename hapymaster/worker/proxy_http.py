@@ -83,6 +83,7 @@ R_PENDING = 2     # body held while the server connection is not ready
 R_SERVER = 4      # the server connection's write buffer is full
 R_PARKED = 8      # accepted beyond maxconn
 R_UPGRADE = 16    # upgrade asked: wait for the server's 101 before reading more
+R_BAD = 32        # invalid pipelined request: answered with an error once the earlier ones are
 
 
 class Request:
@@ -126,6 +127,7 @@ class Request:
     client_ka = True
     leftover = b""
     term = "--"
+    logged = False
 
     # Body chunks held until the server connection is ready: a tuple (never
     # appended to) until on_body needs a list; most requests have no body.
@@ -184,6 +186,9 @@ class HttpClient(asyncio.Protocol):
         self.out: list[bytes] | None = None
         self.forwarding: bytes | None = None
         self.raw_body = False   # the rest of self.req's body bypasses the parser
+        # An invalid request pipelined behind ones being served: its error
+        # code, answered (and the connection closed) when they are done.
+        self.bad_code = 0
 
     # --- connection life ------------------------------------------------------
 
@@ -217,10 +222,12 @@ class HttpClient(asyncio.Protocol):
         if self.phase == P_QUEUE and self.reqs and self.reqs[0].backend is not None:
             self.reqs[0].backend.dequeue(self)
         for req in self.reqs:
-            if req.status == 0 and req.headers_done:
+            self._release_server(req)
+            if req.headers_done and not req.logged:
+                # Gone before its answer ended (a download cut short counts
+                # too): a client abort, on the backend and server rows.
                 req.term = "CD" if req.resp_started else ("CH" if req.streaming else "CR")
                 self._finish_log(req, aborted=True)
-            self._release_server(req)
         self.reqs.clear()
         if self.connect_task is not None:
             self.connect_task.cancel()
@@ -451,13 +458,19 @@ class HttpClient(asyncio.Protocol):
     def _bad_request(self, code: int) -> None:
         """The client sent something we will not forward: answer ``code`` and close."""
         self.fe.counters.ereq += 1
-        busy = self.reqs and self.reqs[0].resp_started and self.reqs[0].status == 0
-        if busy:
-            # A response is being streamed: a status now would corrupt it.
-            self.reqs[0].client_ka = False
-            self._pause(R_PIPE)
+        reqs = self.reqs
+        if reqs and reqs[0] is not self.req:
+            # Pipelined behind requests received whole (reqs[0] may be
+            # streaming its answer: a page now would land inside that body).
+            # Those are answered first; then the error, then the close.
+            if reqs[-1] is self.req:
+                reqs.pop()
+            self.req = None
+            self.raw_body = False
+            self.bad_code = code
+            self._pause(R_BAD)
             return
-        req = self.reqs[0] if self.reqs else Request(self.w.clock())
+        req = reqs[0] if reqs else Request(self.w.clock())
         req.term = "PR"
         self._error(req, code)
 
@@ -816,6 +829,10 @@ class HttpClient(asyncio.Protocol):
                 self.deadline = self.w.clock() + self.fe.timeout.http_request
             if len(self.reqs) == 1:
                 self._resume(R_PIPE)
+        elif self.bad_code:
+            req = Request(self.w.clock())
+            req.term = "PR"
+            self._error(req, self.bad_code)
         else:
             self.phase = P_IDLE
             self.deadline = self.w.clock() + self.fe.timeout.http_keep_alive
@@ -863,6 +880,14 @@ class HttpClient(asyncio.Protocol):
         if req.resp_started:
             if req.resp_close and req.status:
                 self.response_done_close(conn, req)
+                return
+            if self.transport.is_closing():
+                # We aborted the server connection because the client had
+                # gone (HttpServer._pass_body): its abort, not the server's.
+                req.term = "CD"
+                self._release_server(req)
+                self._finish_log(req, aborted=True)
+                self.abort()
                 return
             req.term = "SD"
             req.server.counters.srv_abrt += 1
@@ -938,6 +963,7 @@ class HttpClient(asyncio.Protocol):
         self.close()
 
     def _finish_log(self, req: Request, aborted: bool = False) -> None:
+        req.logged = True
         fe = self.fe
         counters = fe.counters
         counters.req_tot += 1
