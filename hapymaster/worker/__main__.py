@@ -29,7 +29,9 @@ from hapymaster.sdnotify import setup_logging
 # Everything the worker will ever import is imported here, before privileges
 # are dropped: afterwards the interpreter's own library may not be readable
 # (a Python under /root, a chroot), and a lazy import would fail mid-request.
-from hapymaster.worker import proxy_http, proxy_tcp, stats  # noqa: F401
+from hapymaster.worker.proxy_http import http_client_factory
+from hapymaster.worker.proxy_tcp import tcp_client_factory
+from hapymaster.worker.stats import StatsHttp
 from hapymaster.worker.checks import HealthChecker
 from hapymaster.worker.control import ControlChannel
 from hapymaster.worker.process import Worker
@@ -138,7 +140,9 @@ def main() -> int:
                     int(boot.get("master_pid") or 0))
     try:
         apply_state(worker, boot.get("state"))
-        loop.run_until_complete(worker.open_listeners(list(boot.get("listeners") or [])))
+        loop.run_until_complete(worker.open_listeners(
+            list(boot.get("listeners") or []),
+            {"http": http_client_factory, "tcp": tcp_client_factory}, StatsHttp))
         control_sock.setblocking(False)
         _, control = loop.run_until_complete(loop.create_unix_connection(
             lambda: ControlChannel(worker, leftover), sock=control_sock))

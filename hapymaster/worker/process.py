@@ -25,6 +25,9 @@ log = logging.getLogger("hapymaster.worker")
 
 BACKLOG = 4096
 
+# Makes the protocol of one client connection of a frontend (proxy_http, proxy_tcp).
+SessionFactory = Callable[["Worker", "FrontendState"], asyncio.BaseProtocol]
+
 
 class Listener:
     """One inherited listening socket, served by an asyncio server we can pause.
@@ -185,35 +188,38 @@ class Worker:
 
     # --- listeners ------------------------------------------------------------
 
-    async def open_listeners(self, listeners: list[dict[str, Any]]) -> None:
-        """Attach every frontend (and the stats page) to its inherited socket."""
-        from hapymaster.worker.proxy_http import HttpClient
-        from hapymaster.worker.proxy_tcp import TcpClient
+    async def open_listeners(self, listeners: list[dict[str, Any]],
+                             protocols: dict[str, SessionFactory],
+                             stats: Callable[["Worker"], asyncio.BaseProtocol] | None = None
+                             ) -> None:
+        """Attach every frontend (and the stats page) to its inherited socket.
+
+        ``protocols`` gives, per mode (``http``, ``tcp``), the function that
+        makes the protocol of one client connection; the entry point passes
+        them, so that this module imports none of the proxies (which use it).
+        """
         by_address = {}
         for item in listeners:
             sock = socket.socket(fileno=int(item["fd"]))
             sock.setblocking(False)
             by_address[item["address"]] = sock
         for fe in self.frontends:
+            make = protocols[fe.mode]
             for address in fe.config.bind:
                 sock = by_address.pop(str(address), None)
                 if sock is None:
                     raise RuntimeError(f"the master passed no socket for frontend "
                                        f"{fe.name!r} bind {address}")
-                if fe.mode == "http":
-                    factory = (lambda fe=fe: HttpClient(self, fe))
-                else:
-                    factory = (lambda fe=fe: TcpClient(self, fe))
-                listener = Listener(self.loop, sock, factory)
+                listener = Listener(self.loop, sock, lambda fe=fe, make=make: make(self, fe))
                 await listener.start()
                 fe.listeners.append(listener)
-        stats = self.config.global_.stats
-        if stats is not None:
-            sock = by_address.pop(str(stats.bind), None)
+        stats_bind = self.config.global_.stats
+        if stats_bind is not None and stats is not None:
+            sock = by_address.pop(str(stats_bind.bind), None)
             if sock is None:
-                raise RuntimeError(f"the master passed no socket for stats bind {stats.bind}")
-            from hapymaster.worker.stats import StatsHttp
-            self.stats_listener = Listener(self.loop, sock, lambda: StatsHttp(self))
+                raise RuntimeError(f"the master passed no socket for stats bind "
+                                   f"{stats_bind.bind}")
+            self.stats_listener = Listener(self.loop, sock, lambda: stats(self))
             await self.stats_listener.start()
         for address, sock in by_address.items():
             log.warning("listener %s matches no frontend, closing it here", address)
@@ -316,7 +322,7 @@ class Worker:
             self.checks.stop()
         for backend in self.backends.values():
             for server in backend.servers:
-                server.close_idle()
+                server.pool.close_all()
         # Parked connections (accepted beyond maxconn) are served too, as
         # slots free: their clients sent a request to this worker.
         for session in list(self.sessions):

@@ -15,18 +15,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hapymaster.worker.balance import NO_SERVER, ServerState
+from hapymaster.worker.exchange import WRITE_HIGH, Phase
+from hapymaster.worker.logline import log_date, ms, tcplog_line
 
 if TYPE_CHECKING:
     from hapymaster.worker.process import FrontendState, Worker
 
 access_log = logging.getLogger("hapymaster.access")
 
-WRITE_HIGH = 1 << 20
-
-P_PARKED = 0
-P_QUEUE = 1
-P_CONNECT = 2
-P_DATA = 3
+# Module globals for the phases this relay goes through (see exchange.Phase).
+PARKED, QUEUE, CONNECT, TUNNEL = (int(p) for p in (Phase.PARKED, Phase.QUEUE, Phase.CONNECT,
+                                                  Phase.TUNNEL))
 
 
 class TcpClient(asyncio.Protocol):
@@ -44,7 +43,7 @@ class TcpClient(asyncio.Protocol):
         self.client_eof = False
         self.server_eof = False
         self.closed = False
-        self.phase = P_PARKED
+        self.phase = PARKED
         self.deadline = 0.0
         self.t_io = 0.0
         self.t_start = 0.0
@@ -66,7 +65,6 @@ class TcpClient(asyncio.Protocol):
             self.peer = (peer[0], peer[1])
             self.client_key = peer[0].encode()
         self.t_start = self.t_io = self.w.clock()
-        self.t_start_wall = time.time()
         if not self.w.admit(self, self.fe):
             transport.pause_reading()
             return
@@ -76,7 +74,7 @@ class TcpClient(asyncio.Protocol):
         self.transport.pause_reading()
         server = self.backend.take(self, self.client_key)
         if server is None:
-            self.phase = P_QUEUE
+            self.phase = QUEUE
             self.deadline = self.w.clock() + self.backend.timeout.queue
         elif server is NO_SERVER:
             self.term = "SC"
@@ -95,7 +93,7 @@ class TcpClient(asyncio.Protocol):
             self.abort()
             return
         self.server = self.server_last = server
-        self.phase = P_CONNECT
+        self.phase = CONNECT
         self.deadline = self.w.clock() + self.backend.timeout.connect
         self.connect_task = asyncio.ensure_future(self._open(server))
 
@@ -115,7 +113,7 @@ class TcpClient(asyncio.Protocol):
             return
         self.t_connect = self.w.clock()
         self.srv = srv
-        self.phase = P_DATA
+        self.phase = TUNNEL
         self.t_io = self.w.clock()
         if self.pending:
             srv.transport.writelines(self.pending)
@@ -178,16 +176,16 @@ class TcpClient(asyncio.Protocol):
         pass  # a TCP session ends when its peers end it
 
     def expire(self, now: float) -> None:
-        if self.phase == P_DATA:
+        if self.phase == TUNNEL:
             if now - self.t_io >= self.timeout:
                 self.term = "cD"
                 self.abort()
-        elif self.phase == P_QUEUE:
+        elif self.phase == QUEUE:
             if now >= self.deadline:
                 self.term = "sQ"
                 self.backend.dequeue(self)
                 self.abort()
-        elif self.phase == P_CONNECT:
+        elif self.phase == CONNECT:
             if now >= self.deadline and self.connect_task is not None:
                 self.connect_task.cancel()
                 self.connect_task = None
@@ -197,7 +195,7 @@ class TcpClient(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self.phase == P_QUEUE:
+        if self.phase == QUEUE:
             self.backend.dequeue(self)
         if self.connect_task is not None:
             self.connect_task.cancel()
@@ -232,22 +230,16 @@ class TcpClient(asyncio.Protocol):
             sc.bout += self.bytes_out
         if not fe.access_log:
             return
-        # HAProxy's tcplog: client [date] frontend backend/server Tw/Tc/Tt
-        # bytes termination actconn/feconn/beconn/srv_conn/retries srv_queue/backend_queue
-        now = self.w.loop.time()
-
-        def ms(t: float, base: float) -> int:
-            return -1 if t < 0 else int((t - base) * 1000)
-
-        from hapymaster.worker.proxy_http import _log_date
-        t_wait = ms(self.t_queue, self.t_start)
-        t_conn = ms(self.t_connect, self.t_queue) if self.t_queue >= 0 else -1
-        t_all = int((now - self.t_start) * 1000)
+        now = self.w.clock()
+        timers = (ms(self.t_queue, self.t_start),
+                  ms(self.t_connect, self.t_queue) if self.t_queue >= 0 else -1,
+                  int((now - self.t_start) * 1000))
         server_name = server.name if server is not None else "<NOSRV>"
-        line = (f"{self.peer[0]}:{self.peer[1]} [{_log_date()}] {fe.name} "
-                f"{self.backend.name}/{server_name} {t_wait}/{t_conn}/{t_all} {self.bytes_out} "
-                f"{self.term} {self.w.cur_conns}/{fe.cur}/{self.backend.cur}/"
-                f"{server.cur if server else 0}/{self.retries} 0/{len(self.backend.queue)}")
+        conns = (self.w.cur_conns, fe.cur, self.backend.cur, server.cur if server else 0,
+                 self.retries)
+        line = tcplog_line(self.peer, log_date(time.time()), fe.name, self.backend.name,
+                           server_name, timers, self.bytes_out, self.term, conns,
+                           len(self.backend.queue))
         access_log.info(line, extra={
             "HAPYMASTER_FRONTEND": fe.name, "HAPYMASTER_BACKEND": self.backend.name,
             "HAPYMASTER_SERVER": server_name, "HAPYMASTER_CLIENT": self.peer[0]})
@@ -293,3 +285,8 @@ class TcpServer(asyncio.Protocol):
         client, self.client = self.client, None
         if client is not None:
             client.server_lost()
+
+
+def tcp_client_factory(worker: "Worker", frontend: "FrontendState") -> asyncio.BaseProtocol:
+    """The protocol of one client connection on a TCP frontend."""
+    return TcpClient(worker, frontend)
