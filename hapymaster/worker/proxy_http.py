@@ -897,9 +897,9 @@ class HttpClient(asyncio.Protocol):
             if aborted:
                 sc.cli_abrt += 1
         if fe.access_log:
-            self._log_line(req, server)
+            self.log_exchange(req, server)
 
-    def _log_line(self, req: Exchange, server: ServerState | None) -> None:
+    def log_exchange(self, req: Exchange, server: ServerState | None) -> None:
         """The access log line of ``req`` (HAProxy's httplog), and its journald fields."""
         now = self.w.clock()
         start = req.t_start
