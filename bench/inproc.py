@@ -6,6 +6,14 @@ N times on one client connection and one pooled server connection, and
 prints microseconds per request (best of R runs).
 
     .venv/bin/python bench/inproc.py [N] [R]
+
+On a shared or loaded machine the times wander by 2x; the instructions per
+request do not: run ``count`` under callgrind for two values of N and take
+the difference (it cancels the start-up):
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        .venv/bin/python bench/inproc.py count 1000     # then 3000
+    # instructions/request = (Ir(3000) - Ir(1000)) / 2000
 """
 
 from __future__ import annotations
@@ -58,13 +66,21 @@ def run(n: int, log: bool) -> float:
     return took / n * 1e6
 
 
+def quiet_access_log() -> None:
+    """The access log's cost without writing it anywhere (the logging call still runs)."""
+    import logging
+    logging.getLogger("hapymaster.access").addHandler(logging.NullHandler())
+    logging.getLogger("hapymaster.access").propagate = False
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "count":
+        quiet_access_log()
+        run(int(sys.argv[2]), False)
+        return
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
-    if not os.environ.get("HAPYMASTER_INPROC_LOG"):
-        import logging
-        logging.getLogger("hapymaster.access").addHandler(logging.NullHandler())
-        logging.getLogger("hapymaster.access").propagate = False
+    quiet_access_log()
     for log in (False, True):
         best = min(run(n, log) for _ in range(rounds))
         print(f"access_log {'on ' if log else 'off'}: {best:.2f} us/request (best of {rounds} x {n})")

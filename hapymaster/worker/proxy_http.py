@@ -95,7 +95,6 @@ class HttpClient(asyncio.Protocol):
         self.tunnel = False
         self.peer: tuple[str, int] = ("", 0)
         self.client_key = b""
-        self.requests_served = 0
         self.connect_task: asyncio.Future | None = None
         self.t_accept = 0.0
         # Writes to the client gathered while one server read is parsed
@@ -423,7 +422,7 @@ class HttpClient(asyncio.Protocol):
                 if name.lower() == b"content-length" and int(value) > limit:
                     raise _ParseStop(413)
         if req is self.reqs[0]:
-            self._dispatch(req)
+            self._dispatch(req, self.t_io)
 
     def on_body(self, body: bytes) -> None:
         req = self.req
@@ -498,24 +497,24 @@ class HttpClient(asyncio.Protocol):
 
     # --- choosing the server --------------------------------------------------
 
-    def _dispatch(self, req: Exchange) -> None:
+    def _dispatch(self, req: Exchange, now: float) -> None:
         """reqs[0] has its head: route it and find it a server connection."""
         fe = self.fe
         req.backend = fe.route(req) if fe.routes else fe.default_backend
         if req.upgrade:
             self.pause_reading_for(R_UPGRADE)
-        self._take_server(req)
+        self._take_server(req, now)
 
-    def _take_server(self, req: Exchange) -> None:
+    def _take_server(self, req: Exchange, now: float) -> None:
         server = req.backend.take(self, self.client_key)
         if server is None:
-            self.enter(QUEUE, self.w.clock())
+            self.enter(QUEUE, now)
             return
         if server is NO_SERVER:
             req.term = "SC"
             self._error(req, 503)
             return
-        self._use_server(req, server)
+        self._use_server(req, server, now)
 
     def on_server(self, server: ServerState | None) -> None:
         """The backend queue gave us a server (or None: every server left)."""
@@ -524,16 +523,15 @@ class HttpClient(asyncio.Protocol):
                 server.backend.release(server)
             return
         req = self.reqs[0]
-        req.t_queue = self.w.clock()
+        now = req.t_queue = self.w.clock()
         if server is None:
             req.term = "SQ"
             self._error(req, 503)
             return
-        self._use_server(req, server)
+        self._use_server(req, server, now)
 
-    def _use_server(self, req: Exchange, server: ServerState) -> None:
+    def _use_server(self, req: Exchange, server: ServerState, now: float) -> None:
         req.server = server
-        now = self.w.clock()
         if req.t_queue < 0:
             req.t_queue = now
         conn = server.pool.take()
@@ -577,7 +575,7 @@ class HttpClient(asyncio.Protocol):
             # but round robin and friends move on).
             req.retries += 1
             server.counters.wretr += 1
-            self._take_server(req)
+            self._take_server(req, self.w.clock())
             return
         req.term = "SC"
         self._error(req, 503)
@@ -687,7 +685,6 @@ class HttpClient(asyncio.Protocol):
         conn.release(conn.keep_alive and req.complete and not req.resp_close)
         self._finish_log(req)
         self.reqs.popleft()
-        self.requests_served += 1
         if not req.client_ka:
             self.close()
             return
@@ -745,7 +742,7 @@ class HttpClient(asyncio.Protocol):
 
     def _dispatch_next(self, req: Exchange) -> None:
         if not self.closed and self.reqs and self.reqs[0] is req and not req.resp_started:
-            self._dispatch(req)
+            self._dispatch(req, self.w.clock())     # a loop pass later: read the clock
 
     def start_tunnel(self, conn: HttpServer, rest: bytes) -> None:
         """The server answered 101: from now on bytes flow unparsed both ways."""

@@ -158,3 +158,23 @@ def test_soft_stop_grace_config_key():
         parse_config(bad, "t.yaml")
     assert caught.value.errors[0].startswith("t.yaml:3: ")
     assert "soft_stop_grace" in caught.value.errors[0]
+
+
+def test_tcp_session_runs_to_its_end_through_a_soft_stop(tcp_backend, bind, run_worker):
+    a = tcp_backend("alpha")
+    front = bind("tcp")
+    config = http_config(front, [("a", a.address)],
+                         extra_global="  soft_stop_grace: 100ms").replace("mode: http", "mode: tcp")
+    worker = run_worker(config)
+    with connect(front, timeout=10) as sock:
+        f = sock.makefile("rb")
+        assert f.readline() == b"hello from alpha\n"
+        worker.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)                   # well past the grace: TCP has no idle notion
+        sock.sendall(b"still here\n")
+        assert f.readline() == b"still here\n"
+        assert worker.proc.poll() is None
+        sock.shutdown(socket.SHUT_WR)
+        assert f.read() == b""
+        f.close()
+    assert worker.wait_exit(5) == 0
