@@ -57,6 +57,16 @@ class TcpClient(asyncio.Protocol):
         self.logged = False
         self.timeout = min(frontend.timeout.client, self.backend.timeout.server)
 
+    def enter(self, phase: int, now: float) -> None:
+        """The one place the session changes phase, and arms that phase's timeout."""
+        self.phase = phase
+        if phase == QUEUE:
+            self.deadline = now + self.backend.timeout.queue
+        elif phase == CONNECT:
+            self.deadline = now + self.backend.timeout.connect
+        elif phase == TUNNEL:
+            self.t_io = now     # an inactivity limit
+
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH)
@@ -74,8 +84,7 @@ class TcpClient(asyncio.Protocol):
         self.transport.pause_reading()
         server = self.backend.take(self, self.client_key)
         if server is None:
-            self.phase = QUEUE
-            self.deadline = self.w.clock() + self.backend.timeout.queue
+            self.enter(QUEUE, self.w.clock())
         elif server is NO_SERVER:
             self.term = "SC"
             self.abort()
@@ -87,14 +96,13 @@ class TcpClient(asyncio.Protocol):
             if server is not None:
                 server.backend.release(server)
             return
-        self.t_queue = self.w.clock()
+        now = self.t_queue = self.w.clock()
         if server is None:
             self.term = "SQ"
             self.abort()
             return
         self.server = self.server_last = server
-        self.phase = CONNECT
-        self.deadline = self.w.clock() + self.backend.timeout.connect
+        self.enter(CONNECT, now)
         self.connect_task = asyncio.ensure_future(self._open(server))
 
     async def _open(self, server: ServerState) -> None:
@@ -113,8 +121,7 @@ class TcpClient(asyncio.Protocol):
             return
         self.t_connect = self.w.clock()
         self.srv = srv
-        self.phase = TUNNEL
-        self.t_io = self.w.clock()
+        self.enter(TUNNEL, self.t_connect)
         if self.pending:
             srv.transport.writelines(self.pending)
             self.pending = []
