@@ -13,7 +13,9 @@ HTTP (``proxy_http.HttpClient``)::
     CONNECT --connected--> BODY or WAIT;  BODY --body ended--> WAIT
     WAIT --response ended--> IDLE (keep-alive) or HEAD (pipelined) or closed
     WAIT --answered before the body ended--> DRAIN --body ended--> IDLE or HEAD
-    WAIT --101--> TUNNEL;  IDLE --first byte--> HEAD
+    WAIT --101--> TUNNEL
+    IDLE --a head whole in one read--> QUEUE, CONNECT, BODY or WAIT as from HEAD
+    IDLE --a read ending inside a head--> HEAD
 
 TCP (``proxy_tcp.TcpClient``)::
 

@@ -347,7 +347,16 @@ class HttpClient(asyncio.Protocol):
                 self._bad_request(400)
         else:
             req = self.req
-            if req is not None and req.body_left > 0 and not req.upgrade:
+            if req is None:
+                return
+            if not req.headers_done:
+                # A read that ends inside a request head. A head that comes
+                # whole in one read goes from IDLE straight to its server
+                # (one phase change less per request); this one is timed by
+                # timeout.http_request from the read it began in.
+                if self.phase == IDLE:
+                    self.enter(HEAD, req.t_start)
+            elif req.body_left > 0 and not req.upgrade:
                 # The rest of this body is only bytes to count: take them as
                 # they come, without copying them through the parser again.
                 self.raw_body = True
@@ -382,8 +391,6 @@ class HttpClient(asyncio.Protocol):
         self.req = req
         if len(reqs) > 1:
             self.pause_reading_for(R_PIPE)
-        elif self.phase == IDLE:
-            self.enter(HEAD, now)
 
     def on_url(self, url: bytes) -> None:
         req = self.req

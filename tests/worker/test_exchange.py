@@ -185,3 +185,30 @@ def test_http10_client_body_until_server_close(proxy):
     out = p.client_side.take()
     assert out == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it"
     assert p.client_side.closing and p.logged == [("--", 200)]
+
+
+def test_a_head_in_two_reads_is_timed_by_http_request(proxy):
+    p = proxy()
+    p.client.data_received(GET)
+    p.conn.data_received(OK)
+    p.client_side.take()
+    assert p.client.phase == Phase.IDLE
+    p.client.data_received(b"GET /slow HTTP/1.1\r\nHo")
+    assert p.client.phase == Phase.HEAD
+    started = p.client.reqs[0].t_start
+    p.client.expire(started + 4.9)       # timeout.http_request is 5s in CONFIG
+    assert not p.client_side.closing
+    p.client.expire(started + 5.1)
+    assert p.client_side.take().startswith(b"HTTP/1.1 408 ")
+    assert p.client_side.closing and p.logged[-1] == ("cR", 408)
+
+
+def test_a_head_in_one_read_goes_straight_to_its_server(proxy):
+    p = proxy()
+    p.client.data_received(GET)
+    p.conn.data_received(OK)
+    p.client.data_received(b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nab")
+    assert p.client.phase == Phase.BODY       # never HEAD: the head came whole
+    p.client.data_received(b"cd")
+    assert p.client.phase == Phase.WAIT
+    assert p.server_side.take().endswith(b"\r\n\r\nabcd")
