@@ -31,7 +31,7 @@ import enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hapymaster.worker.balance import BackendState, ServerState
+    from hapymaster.worker.balance import BackendState, Counters, ServerState
 
 # Write buffer limit of every proxied transport: beyond it the other side's
 # reading is paused (pause_writing). One value for HTTP and TCP.
@@ -115,3 +115,47 @@ class Exchange:
     def __init__(self, now: float):
         self.t_start = now
         self.headers: list[tuple[bytes, bytes]] = []
+
+    def account(self, frontend: "Counters", aborted: bool) -> None:
+        """Count the finished exchange on its frontend, backend and server rows.
+
+        ``aborted``: the client left before the end (cli_abrt, on the backend
+        and server rows as HAProxy counts it).
+        """
+        self.logged = True
+        bytes_in = self.bytes_in
+        bytes_out = self.bytes_out
+        status = self.status
+        # The usual 2xx is counted here; Counters.status() sorts the rest.
+        ok = 200 <= status < 300
+        frontend.req_tot += 1
+        frontend.bin += bytes_in
+        frontend.bout += bytes_out
+        if ok:
+            frontend.hrsp_2xx += 1
+        elif status:
+            frontend.status(status)
+        backend = self.backend
+        if backend is not None:
+            bc = backend.counters
+            bc.req_tot += 1
+            bc.bin += bytes_in
+            bc.bout += bytes_out
+            if ok:
+                bc.hrsp_2xx += 1
+            elif status:
+                bc.status(status)
+            if aborted:
+                bc.cli_abrt += 1
+        server = self.server_last
+        if server is not None:
+            sc = server.counters
+            sc.stot += 1
+            sc.bin += bytes_in
+            sc.bout += bytes_out
+            if ok:
+                sc.hrsp_2xx += 1
+            elif status:
+                sc.status(status)
+            if aborted:
+                sc.cli_abrt += 1

@@ -863,45 +863,11 @@ class HttpClient(asyncio.Protocol):
         self.close()
 
     def _finish_log(self, req: Exchange, aborted: bool = False) -> None:
-        req.logged = True
+        """``req`` is over (answered, failed or abandoned): count it, log it."""
         fe = self.fe
-        counters = fe.counters
-        counters.req_tot += 1
-        counters.bin += req.bytes_in
-        counters.bout += req.bytes_out
-        status = req.status
-        # The usual 2xx is counted here; Counters.status() sorts the rest.
-        ok = 200 <= status < 300
-        if ok:
-            counters.hrsp_2xx += 1
-        elif status:
-            counters.status(status)
-        backend = req.backend
-        server = req.server_last
-        if backend is not None:
-            bc = backend.counters
-            bc.req_tot += 1
-            bc.bin += req.bytes_in
-            bc.bout += req.bytes_out
-            if ok:
-                bc.hrsp_2xx += 1
-            elif status:
-                bc.status(status)
-            if aborted:
-                bc.cli_abrt += 1
-        if server is not None:
-            sc = server.counters
-            sc.stot += 1
-            sc.bin += req.bytes_in
-            sc.bout += req.bytes_out
-            if ok:
-                sc.hrsp_2xx += 1
-            elif status:
-                sc.status(status)
-            if aborted:
-                sc.cli_abrt += 1
+        req.account(fe.counters, aborted)
         if fe.access_log:
-            self.log_exchange(req, server)
+            self.log_exchange(req, req.server_last)
 
     def log_exchange(self, req: Exchange, server: ServerState | None) -> None:
         """The access log line of ``req`` (HAProxy's httplog), and its journald fields."""
