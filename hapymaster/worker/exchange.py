@@ -8,14 +8,18 @@ method, so the transitions below are the whole story:
 
 HTTP (``proxy_http.HttpClient``)::
 
-    PARKED --slot free--> HEAD --head parsed--> QUEUE --server free--> CONNECT
-    HEAD --pooled connection--> BODY (body still coming) or WAIT (request whole)
-    CONNECT --connected--> BODY or WAIT;  BODY --body ended--> WAIT
-    WAIT --response ended--> IDLE (keep-alive) or HEAD (pipelined) or closed
-    WAIT --answered before the body ended--> DRAIN --body ended--> IDLE or HEAD
+    PARKED --maxconn slot free--> HEAD
+    HEAD, IDLE --head parsed--> QUEUE (every server full)
+                              | CONNECT (no idle pooled connection)
+                              | BODY, WAIT (request sent on a pooled one; body to come / whole)
+    QUEUE --slot free--> CONNECT | BODY | WAIT
+    CONNECT --connected--> BODY | WAIT;   CONNECT --refused/timeout--> retried as above
+    BODY --body ended--> WAIT
+    WAIT --response ended--> IDLE (keep-alive) | HEAD (a pipelined head not whole yet)
+                           | as "head parsed" (a pipelined request, next loop pass) | closed
+    WAIT --answered before the body ended--> DRAIN --body ended--> IDLE
     WAIT --101--> TUNNEL
-    IDLE --a head whole in one read--> QUEUE, CONNECT, BODY or WAIT as from HEAD
-    IDLE --a read ending inside a head--> HEAD
+    IDLE --a read ending inside a head--> HEAD (a head whole in one read skips it)
 
 TCP (``proxy_tcp.TcpClient``)::
 
