@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -78,12 +77,20 @@ class _ParseStop(Exception):
 class HttpClient(asyncio.Protocol):
     """The client side of an HTTP frontend connection."""
 
+    # One per client connection, idle ones included: slots instead of a
+    # __dict__ take about a kilobyte off each (tracemalloc: 2.2 -> 1.2 KiB).
+    __slots__ = ("w", "fe", "transport", "parser", "reqs", "req", "srv", "phase", "deadline",
+                 "t_io", "paused", "write_paused", "closed", "tunnel", "peer", "client_key",
+                 "connect_task", "t_accept", "out", "forwarding", "raw_body", "bad_code")
+
     def __init__(self, worker: "Worker", frontend: "FrontendState"):
         self.w = worker
         self.fe = frontend
         self.transport: Any = None
         self.parser = httptools.HttpRequestParser(self)
-        self.reqs: deque[Exchange] = deque()  # [0] is served, the rest are pipelined
+        # [0] is served, the rest are pipelined (a list, not a deque: rarely
+        # more than one, and an empty deque costs ~700 bytes per connection).
+        self.reqs: list[Exchange] = []
         self.req: Exchange | None = None      # the request the parser is filling
         self.srv: HttpServer | None = None    # server connection of reqs[0]
         self.phase = HEAD
@@ -691,7 +698,7 @@ class HttpClient(asyncio.Protocol):
         self._release_server(req)
         conn.release(conn.keep_alive and req.complete and not req.resp_close)
         self._finish_log(req)
-        self.reqs.popleft()
+        del self.reqs[0]
         if not req.client_ka:
             self.close()
             return

@@ -9,7 +9,7 @@ import pytest
 
 from fake_transport import FakeTransport, connect, inprocess_worker
 from hapymaster.worker.exchange import Phase
-from hapymaster.worker.proxy_http import HttpClient, http_client_factory
+from hapymaster.worker.proxy_http import HttpClient
 from hapymaster.worker.server_conn import HttpServer
 
 CONFIG = """\
@@ -40,8 +40,15 @@ class Proxy:
         self.conn = HttpServer(self.worker, self.server)
         self.server_side = connect(self.conn, FakeTransport(("127.0.0.1", 9)))
         self.conn.release(True)
-        self.client: HttpClient = http_client_factory(self.worker, self.worker.frontends[0])
-        self.client.log_exchange = lambda req, server: self.logged.append((req.term, req.status))
+        logged = self.logged
+
+        class Recording(HttpClient):
+            """Records what would be logged, instead of logging it."""
+
+            def log_exchange(self, req, server):
+                logged.append((req.term, req.status))
+
+        self.client: HttpClient = Recording(self.worker, self.worker.frontends[0])
         self.client_side = connect(self.client, FakeTransport())
 
     def run_callbacks(self) -> None:
