@@ -135,6 +135,10 @@ class GlobalSection:
     workers: int = 1
     ready_timeout: float = 10.0
     hard_stop_after: float = 30.0
+    # A soft-stopped worker keeps an idle keep-alive client connection this
+    # long (its next request is answered with Connection: close) instead of
+    # closing it under a client that may be sending on it at that instant.
+    soft_stop_grace: float = 1.0
     stats: Stats | None = None
     user: str | None = None
     group: str | None = None
@@ -389,6 +393,7 @@ class _Parser:
             workers=self.get(section, "workers", _count(1, 64), 1, "global"),
             ready_timeout=self.get(section, "ready_timeout", _positive_duration, 10.0, "global"),
             hard_stop_after=self.get(section, "hard_stop_after", _positive_duration, 30.0, "global"),
+            soft_stop_grace=self.get(section, "soft_stop_grace", parse_duration, 1.0, "global"),
             stats=stats,
             user=self.get(section, "user", _string, None, "global"),
             group=self.get(section, "group", _string, None, "global"),

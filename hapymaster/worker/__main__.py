@@ -31,8 +31,10 @@ from hapymaster.sdnotify import setup_logging
 # Everything the worker will ever import is imported here, before privileges
 # are dropped: afterwards the interpreter's own library may not be readable
 # (a Python under /root, a chroot), and a lazy import would fail mid-request.
-from hapymaster.worker import proxy_http, proxy_tcp, stats  # noqa: F401
 from hapymaster.worker.accesslog import AccessLog, open_sink
+from hapymaster.worker.proxy_http import http_client_factory
+from hapymaster.worker.proxy_tcp import tcp_client_factory
+from hapymaster.worker.stats import StatsHttp
 from hapymaster.worker.checks import HealthChecker
 from hapymaster.worker.control import ControlChannel
 from hapymaster.worker.process import Worker
@@ -163,7 +165,8 @@ def run(control_fd: int, fd_map: dict[int, int] | None = None) -> int:
         listeners = list(boot.get("listeners") or [])
         if fd_map is not None:
             listeners = [{**entry, "fd": fd_map[entry["fd"]]} for entry in listeners]
-        loop.run_until_complete(worker.open_listeners(listeners))
+        loop.run_until_complete(worker.open_listeners(
+            listeners, {"http": http_client_factory, "tcp": tcp_client_factory}, StatsHttp))
         control_sock.setblocking(False)
         _, control = loop.run_until_complete(loop.create_unix_connection(
             lambda: ControlChannel(worker, leftover), sock=control_sock))

@@ -18,6 +18,7 @@ from collections import deque
 from typing import Any, Callable
 
 from hapymaster.config import Backend, HealthCheck, Server
+from hapymaster.worker.pool import ServerPool
 
 ADMIN_STATES = ("ready", "drain", "maint")
 
@@ -95,7 +96,7 @@ class ServerState:
         self.counters = Counters()
         self.current_weight = 0           # smooth weighted round robin accumulator
         self.seed = _mix64(zlib.crc32(self.name.encode()))
-        self.idle: list[Any] = []         # idle keep-alive server connections (http)
+        self.pool = ServerPool()          # idle keep-alive server connections (http)
 
     @property
     def usable(self) -> bool:
@@ -123,7 +124,7 @@ class ServerState:
             self.last_change = time.time()
             self.backend.changed()
             if state != "ready":
-                self.close_idle()
+                self.pool.close_all()
             else:
                 self.backend.wake()
 
@@ -142,7 +143,7 @@ class ServerState:
         else:
             self.counters.chkdown += 1
             self.down_since = now
-            self.close_idle()
+            self.pool.close_all()
 
     def set_weight(self, weight: int, runtime: bool = True) -> None:
         self.weight = weight
@@ -151,11 +152,6 @@ class ServerState:
         self.backend.changed()
         if weight > 0:
             self.backend.wake()
-
-    def close_idle(self) -> None:
-        idle, self.idle = self.idle, []
-        for conn in idle:
-            conn.close()
 
 
 class BackendState:
@@ -212,7 +208,11 @@ class BackendState:
         A queued session gets ``session.on_server(server)`` later, from release(),
         or is removed by ``dequeue`` when its queue timeout fires.
         """
-        candidates = self.candidates()
+        # The cache checked here, not by calling candidates(): one call less
+        # per request on the hot path.
+        candidates = self._candidates
+        if candidates is None:
+            candidates = self.candidates()
         if not candidates:
             return NO_SERVER
         free = [s for s in candidates if not s.full] if self.limited else candidates

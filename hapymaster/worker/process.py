@@ -61,50 +61,77 @@ def connection_budget(servers: int) -> int:
     batch = min(ACCEPT_BATCH_RESERVE, soft // 8)
     return max(1, (soft - FD_RESERVE - servers - open_now - batch) // 2)
 
+# Makes the protocol of one client connection of a frontend (proxy_http, proxy_tcp).
+SessionFactory = Callable[["Worker", "FrontendState"], asyncio.BaseProtocol]
+
 
 class Listener:
-    """One inherited listening socket, served by an asyncio server we can pause."""
+    """One inherited listening socket, served by an asyncio server we can pause.
 
-    def __init__(self, worker: "Worker", sock: socket.socket, factory: Callable[[], Any]):
-        self.worker = worker
+    ``pause``, ``resume`` and ``close`` may come at any time, also while
+    ``start`` is awaiting the event loop: ``accepting`` and ``closed`` say
+    what is wanted and ``start`` checks them when its await returns. The
+    server object is stored before it starts serving, so that a connection
+    accepted in its first loop pass (maxconn reached: pause; a soft stop:
+    close) finds it and stops it, instead of leaving it accepting.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 factory: Callable[[], asyncio.BaseProtocol]):
+        self.loop = loop
         self.sock = sock
         self.factory = factory
-        self.server: Any = None
-        self.wanted = True
-        self._busy = False
+        self.server: asyncio.AbstractServer | None = None
+        self.accepting = True      # False while paused (maxconn)
+        self.closed = False        # for good: soft or hard stop
+        self.starting = False
 
     async def start(self) -> None:
-        # The asyncio server gets a duplicate: closing it (to pause at maxconn)
-        # must not close the socket the master bound for every generation.
-        dup = socket.socket(fileno=os.dup(self.sock.fileno()))
-        dup.setblocking(False)
-        self.server = await self.worker.loop.create_server(self.factory, sock=dup,
-                                                           backlog=BACKLOG)
+        if self.starting or self.server is not None or self.closed or not self.accepting:
+            return
+        self.starting = True
+        try:
+            # The asyncio server gets a duplicate: closing it (to pause at
+            # maxconn) must not close the socket the master bound for every
+            # generation.
+            dup = socket.socket(fileno=os.dup(self.sock.fileno()))
+            dup.setblocking(False)
+            server = await self.loop.create_server(self.factory, sock=dup, backlog=BACKLOG,
+                                                   start_serving=False)
+        finally:
+            self.starting = False
+        if self.closed or not self.accepting:
+            server.close()      # paused or closed while we were waiting
+            return
+        self.server = server
+        await server.start_serving()
 
     def pause(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        self.accepting = False
+        self._stop_server()
 
     def resume(self) -> None:
-        if self.server is None and not self._busy and self.wanted:
-            self._busy = True
-
-            async def restart() -> None:
-                try:
-                    if self.wanted and self.server is None:
-                        await self.start()
-                finally:
-                    self._busy = False
-            asyncio.ensure_future(restart())
+        self.accepting = True
+        if self.server is None and not self.starting and not self.closed:
+            asyncio.ensure_future(self.start()).add_done_callback(self._started)
 
     def close(self) -> None:
-        self.wanted = False
-        self.pause()
+        self.closed = True
+        self._stop_server()
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def _stop_server(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
+
+    @staticmethod
+    def _started(future: "asyncio.Future[None]") -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("cannot accept again on a listener: %s", future.exception())
 
 
 class FrontendState:
@@ -181,6 +208,10 @@ class Worker:
         self.parked_any = False
         self.sessions: set[Any] = set()
         self.stopping = False
+        # How long a soft-stopped worker keeps an idle keep-alive client
+        # connection; never beyond hard_stop_after, when the master kills it.
+        self.soft_stop_grace = min(config.global_.soft_stop_grace,
+                                   config.global_.hard_stop_after)
         self.exit_future: asyncio.Future = loop.create_future()
         self.control: Any = None
         self.stats_listener: Listener | None = None
@@ -245,35 +276,38 @@ class Worker:
 
     # --- listeners ------------------------------------------------------------
 
-    async def open_listeners(self, listeners: list[dict[str, Any]]) -> None:
-        """Attach every frontend (and the stats page) to its inherited socket."""
-        from hapymaster.worker.proxy_http import HttpClient
-        from hapymaster.worker.proxy_tcp import TcpClient
+    async def open_listeners(self, listeners: list[dict[str, Any]],
+                             protocols: dict[str, SessionFactory],
+                             stats: Callable[["Worker"], asyncio.BaseProtocol] | None = None
+                             ) -> None:
+        """Attach every frontend (and the stats page) to its inherited socket.
+
+        ``protocols`` gives, per mode (``http``, ``tcp``), the function that
+        makes the protocol of one client connection; the entry point passes
+        them, so that this module imports none of the proxies (which use it).
+        """
         by_address = {}
         for item in listeners:
             sock = socket.socket(fileno=int(item["fd"]))
             sock.setblocking(False)
             by_address[item["address"]] = sock
         for fe in self.frontends:
+            make = protocols[fe.mode]
             for address in fe.config.bind:
                 sock = by_address.pop(str(address), None)
                 if sock is None:
                     raise RuntimeError(f"the master passed no socket for frontend "
                                        f"{fe.name!r} bind {address}")
-                if fe.mode == "http":
-                    factory = (lambda fe=fe: HttpClient(self, fe))
-                else:
-                    factory = (lambda fe=fe: TcpClient(self, fe))
-                listener = Listener(self, sock, factory)
+                listener = Listener(self.loop, sock, lambda fe=fe, make=make: make(self, fe))
                 await listener.start()
                 fe.listeners.append(listener)
-        stats = self.config.global_.stats
-        if stats is not None:
-            sock = by_address.pop(str(stats.bind), None)
+        stats_bind = self.config.global_.stats
+        if stats_bind is not None and stats is not None:
+            sock = by_address.pop(str(stats_bind.bind), None)
             if sock is None:
-                raise RuntimeError(f"the master passed no socket for stats bind {stats.bind}")
-            from hapymaster.worker.stats import StatsHttp
-            self.stats_listener = Listener(self, sock, lambda: StatsHttp(self))
+                raise RuntimeError(f"the master passed no socket for stats bind "
+                                   f"{stats_bind.bind}")
+            self.stats_listener = Listener(self.loop, sock, lambda: stats(self))
             await self.stats_listener.start()
         for address, sock in by_address.items():
             log.warning("listener %s matches no frontend, closing it here", address)
@@ -360,7 +394,15 @@ class Worker:
     # --- stopping ---------------------------------------------------------------
 
     def soft_stop(self, reason: str = "soft stop") -> None:
-        """Stop accepting, let busy connections finish, then exit 0."""
+        """Stop accepting, let busy connections finish, then exit 0.
+
+        Every session decides for itself what finishing means (an HTTP
+        client connection answers its request in flight with Connection:
+        close, an idle one waits ``soft_stop_grace`` for a last request; a
+        TCP session runs until its peers end it). Idle pooled server
+        connections have nothing left to do: they are closed now, and no
+        connection goes back to the pool from here on.
+        """
         if self.stopping:
             return
         log.info("%s: closing listeners, %d connection(s) to finish", reason, len(self.sessions))
@@ -368,11 +410,13 @@ class Worker:
         self._close_listeners()
         if self.checks is not None:
             self.checks.stop()
+        for backend in self.backends.values():
+            for server in backend.servers:
+                server.pool.close_all()
+        # Parked connections (accepted beyond maxconn) are served too, as
+        # slots free: their clients sent a request to this worker.
         for session in list(self.sessions):
             session.soft_stop()
-        for fe in self.frontends:
-            for session in list(fe.parked):
-                session.abort()
         self._finish_stop_when_idle()
 
     def hard_stop(self, reason: str = "stop") -> None:

@@ -14,16 +14,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hapymaster.worker.balance import NO_SERVER, ServerState
+from hapymaster.worker.exchange import WRITE_HIGH, Phase
 
 if TYPE_CHECKING:
     from hapymaster.worker.process import FrontendState, Worker
 
-WRITE_HIGH = 1 << 20
-
-P_PARKED = 0
-P_QUEUE = 1
-P_CONNECT = 2
-P_DATA = 3
+# Module globals for the phases this relay goes through (see exchange.Phase).
+PARKED, QUEUE, CONNECT, TUNNEL = (int(p) for p in (Phase.PARKED, Phase.QUEUE, Phase.CONNECT,
+                                                  Phase.TUNNEL))
 
 
 class TcpClient(asyncio.Protocol):
@@ -41,7 +39,7 @@ class TcpClient(asyncio.Protocol):
         self.client_eof = False
         self.server_eof = False
         self.closed = False
-        self.phase = P_PARKED
+        self.phase = PARKED
         self.deadline = 0.0
         self.t_io = 0.0
         self.t_start = 0.0
@@ -55,6 +53,16 @@ class TcpClient(asyncio.Protocol):
         self.logged = False
         self.timeout = min(frontend.timeout.client, self.backend.timeout.server)
 
+    def enter(self, phase: int, now: float) -> None:
+        """The one place the session changes phase, and arms that phase's timeout."""
+        self.phase = phase
+        if phase == QUEUE:
+            self.deadline = now + self.backend.timeout.queue
+        elif phase == CONNECT:
+            self.deadline = now + self.backend.timeout.connect
+        elif phase == TUNNEL:
+            self.t_io = now     # an inactivity limit
+
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         transport.set_write_buffer_limits(WRITE_HIGH)
@@ -63,7 +71,7 @@ class TcpClient(asyncio.Protocol):
             self.peer = (peer[0], peer[1])
             self.client_key = peer[0].encode()
         self.t_start = self.t_io = self.w.clock()
-        self.t_start_wall = time.time()
+        self.t_start_wall = time.time()   # the log line's date (HAProxy's %tr)
         if not self.w.admit(self, self.fe):
             transport.pause_reading()
             return
@@ -73,8 +81,7 @@ class TcpClient(asyncio.Protocol):
         self.transport.pause_reading()
         server = self.backend.take(self, self.client_key)
         if server is None:
-            self.phase = P_QUEUE
-            self.deadline = self.w.clock() + self.backend.timeout.queue
+            self.enter(QUEUE, self.w.clock())
         elif server is NO_SERVER:
             self.term = "SC"
             self.abort()
@@ -86,14 +93,13 @@ class TcpClient(asyncio.Protocol):
             if server is not None:
                 server.backend.release(server)
             return
-        self.t_queue = self.w.clock()
+        now = self.t_queue = self.w.clock()
         if server is None:
             self.term = "SQ"
             self.abort()
             return
         self.server = self.server_last = server
-        self.phase = P_CONNECT
-        self.deadline = self.w.clock() + self.backend.timeout.connect
+        self.enter(CONNECT, now)
         self.connect_task = asyncio.ensure_future(self._open(server))
 
     async def _open(self, server: ServerState) -> None:
@@ -113,8 +119,7 @@ class TcpClient(asyncio.Protocol):
             return
         self.t_connect = self.w.clock()
         self.srv = srv
-        self.phase = P_DATA
-        self.t_io = self.w.clock()
+        self.enter(TUNNEL, self.t_connect)
         if self.pending:
             srv.transport.writelines(self.pending)
             self.pending = []
@@ -176,16 +181,16 @@ class TcpClient(asyncio.Protocol):
         pass  # a TCP session ends when its peers end it
 
     def expire(self, now: float) -> None:
-        if self.phase == P_DATA:
+        if self.phase == TUNNEL:
             if now - self.t_io >= self.timeout:
                 self.term = "cD"
                 self.abort()
-        elif self.phase == P_QUEUE:
+        elif self.phase == QUEUE:
             if now >= self.deadline:
                 self.term = "sQ"
                 self.backend.dequeue(self)
                 self.abort()
-        elif self.phase == P_CONNECT:
+        elif self.phase == CONNECT:
             if now >= self.deadline and self.connect_task is not None:
                 self.connect_task.cancel()
                 self.connect_task = None
@@ -195,7 +200,7 @@ class TcpClient(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self.phase == P_QUEUE:
+        if self.phase == QUEUE:
             self.backend.dequeue(self)
         if self.connect_task is not None:
             self.connect_task.cancel()
@@ -281,3 +286,8 @@ class TcpServer(asyncio.Protocol):
         client, self.client = self.client, None
         if client is not None:
             client.server_lost()
+
+
+def tcp_client_factory(worker: "Worker", frontend: "FrontendState") -> asyncio.BaseProtocol:
+    """The protocol of one client connection on a TCP frontend."""
+    return TcpClient(worker, frontend)

@@ -4,6 +4,7 @@ routes, HTTP/1.0, HEAD."""
 from __future__ import annotations
 
 import hashlib
+import re
 import http.client
 import json
 import socket
@@ -270,3 +271,64 @@ def test_client_leaving_mid_download_frees_everything(backend, bind, run_worker)
     assert status == 200 and body == pattern_bytes(1_000_000)
     assert worker.proc.poll() is None
     assert "Traceback" not in worker.log and "Fatal error" not in worker.log
+
+
+def test_garbage_pipelined_during_a_streaming_answer_waits_for_its_end(backend, bind, run_worker):
+    a = backend("a")
+    front = bind("web")
+    worker = run_worker(http_config(front, [("a", a.address)]))
+    size = 4_000_000
+    with connect(front, timeout=10) as sock:
+        sock_file = sock.makefile("rb")
+        sock.sendall(b"GET /big/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+        assert sock_file.readline().startswith(b"HTTP/1.1 200")
+        # The answer is streaming (the client reads nothing more for now)
+        # when an invalid request follows.
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+        time.sleep(0.3)
+        headers = {}
+        while True:
+            line = sock_file.readline()
+            if line == b"\r\n":
+                break
+            name, value = line.decode().split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        assert int(headers["content-length"]) == size
+        assert sock_file.read(size) == pattern_bytes(size)     # intact, no page inside
+        status, headers, body = read_response(sock_file)
+        assert status == 400 and headers["connection"] == "close"
+        assert sock_file.read() == b""
+    assert "Traceback" not in worker.log
+
+
+def test_pipelined_garbage_after_a_valid_request_answers_both(backend, bind, run_worker):
+    a = backend("a")
+    front = bind("web")
+    run_worker(http_config(front, [("a", a.address)]))
+    answer = raw_exchange(front, b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+                                 b"GET /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                 b"Content-Length: 3\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and b'"/first"' in answer
+    assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 400" in answer
+    assert [path for _, path, _ in a.requests] == ["/first"]
+
+
+def test_client_leaving_mid_download_is_logged_and_counted_as_client_abort(backend, bind,
+                                                                          run_worker):
+    a = backend("a")
+    front = bind("web")
+    worker = run_worker(http_config(front, [("a", a.address)]))
+    with connect(front) as sock:
+        sock.sendall(b"GET /big/20000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.recv(65536)
+    deadline = time.monotonic() + 5
+    line = re.compile(r' web app/a \S+ 200 \d+ - - CD-- .*"GET /big/20000000 HTTP/1\.1"')
+    while not line.search(worker.log):
+        assert time.monotonic() < deadline, worker.log
+        time.sleep(0.05)
+    stat = worker.cli("show stat").splitlines()
+    header = stat[0][2:].split(",")
+    rows = {(r[0], r[1]): dict(zip(header, r)) for r in (l.split(",") for l in stat[1:] if l)}
+    assert rows[("app", "a")]["cli_abrt"] == "1" and rows[("app", "BACKEND")]["cli_abrt"] == "1"
+    assert rows[("app", "a")]["srv_abrt"] == "0" and rows[("app", "BACKEND")]["srv_abrt"] == "0"
