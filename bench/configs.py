@@ -58,17 +58,13 @@ http {{
 
 
 def hapymaster_access_log(sink: Path) -> str:
-    """The logged frontend's access-log setting: the ONE place to change it.
+    """The global access-log sink when a logged frontend is configured: the ONE place to change it.
 
-    Today: the default access log, ``access_log: true``, which goes through
-    Python logging to the master's stderr; the bench sends that to
-    ``<workdir>/hapymaster.log`` (a file, not /dev/null: the write per line is
-    part of the cost, as it would be to journald). When the faster access log
-    with a syslog target lands, return its setting pointing at ``sink`` (the
-    bench's datagram sink, the one HAProxy logs to) instead, e.g.
-    ``access_log: {target: "unix:" + str(sink)}`` — whatever the key becomes.
+    Like with like: hapymaster sends its httplog lines as syslog datagrams to
+    the same bench sink HAProxy's ``log`` line points at (``global.access_log``
+    with ``target: syslog``), one datagram per request for both.
     """
-    return "access_log: true"
+    return f'  access_log: {{target: syslog, address: "{sink}"}}\n'
 
 
 def write_hapymaster(wd: Path, workers: int = 1, log_sink: Path | None = None) -> Path:
@@ -78,7 +74,7 @@ def write_hapymaster(wd: Path, workers: int = 1, log_sink: Path | None = None) -
   - name: fe_http_log
     bind: ["127.0.0.1:{HAPY_HTTP_LOG}"]
     mode: http
-    {hapymaster_access_log(log_sink)}
+    access_log: true
     default_backend: origin
 """
     conf = wd / "hapymaster.yaml"
@@ -87,7 +83,7 @@ global:
   workers: {workers}
   master_socket: {wd}/master.sock
   hard_stop_after: {HARD_STOP_AFTER}
-defaults:
+{hapymaster_access_log(log_sink) if log_sink is not None else ""}defaults:
   mode: http
   timeout: {{connect: 5s, client: 30s, server: 30s, queue: 5s, tunnel: 1h, http_request: 10s}}
   maxconn: 10000

@@ -195,12 +195,35 @@ class StreamSink(Sink):
             self.fd = -1
 
 
-class JournalSink(Sink):
+class DatagramSink(Sink):
+    """One datagram per line, never waiting: what the socket cannot take is lost and counted."""
+
+    sock: socket.socket
+    target: Any
+
+    def send(self, datagrams: list[bytes]) -> tuple[int, OSError | None]:
+        sendto = self.sock.sendto
+        target = self.target
+        lost = 0
+        error = None
+        for datagram in datagrams:
+            try:
+                sendto(datagram, target)
+            except OSError as exc:      # EAGAIN, ENOBUFS, ECONNREFUSED, ENOENT...
+                lost += 1
+                error = exc
+        return lost, error
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class JournalSink(DatagramSink):
     """journald's native protocol: one datagram per entry, the fields as ``KEY=value`` lines."""
 
     def __init__(self, path: str, fixed: dict[str, str]):
         self.name = f"journal {path}"
-        self.path = path
+        self.target = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         try:
@@ -223,24 +246,9 @@ class JournalSink(Sink):
             out.append(head + fixed + _journal_fields(record))
         return out
 
-    def send(self, datagrams: list[bytes]) -> tuple[int, OSError | None]:
-        sendto = self.sock.sendto
-        path = self.path
-        lost = 0
-        error = None
-        for datagram in datagrams:
-            try:
-                sendto(datagram, path)
-            except OSError as exc:      # EAGAIN, ENOBUFS, ECONNREFUSED, ENOENT...
-                lost += 1
-                error = exc
-        return lost, error
-
-    def close(self) -> None:
-        self.sock.close()
 
 
-class SyslogSink(Sink):
+class SyslogSink(DatagramSink):
     """HAProxy's ``log``: RFC 3164 or 5424 datagrams to a unix socket or UDP."""
 
     def __init__(self, address: str, facility: str, fmt: str):
@@ -285,21 +293,6 @@ class SyslogSink(Sink):
         head = self._header(wall)
         return [(head + line).encode("utf-8", "surrogateescape") for line in lines]
 
-    def send(self, datagrams: list[bytes]) -> tuple[int, OSError | None]:
-        sendto = self.sock.sendto
-        target = self.target
-        lost = 0
-        error = None
-        for datagram in datagrams:
-            try:
-                sendto(datagram, target)
-            except OSError as exc:      # EAGAIN, ENOBUFS, ECONNREFUSED, ENOENT...
-                lost += 1
-                error = exc
-        return lost, error
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def open_log_file(path: str) -> int:

@@ -403,3 +403,49 @@ def worker_fault(tmp_path: Path, name: str, content: str = "") -> Path:
     path = hooks / name
     path.write_text(content)
     return path
+
+
+# --- configs -----------------------------------------------------------------
+
+
+def http_config(port: int, servers: list[str], *, max_reloads: int = 50, workers: int = 1,
+                ready_timeout: str = "10s", hard_stop_after: str = "10s", extra_global: str = "") -> str:
+    server_lines = "\n".join(
+        f'      - {{name: s{i}, address: "{address}"}}' for i, address in enumerate(servers, 1))
+    return f"""\
+global:
+  max_reloads: {max_reloads}
+  workers: {workers}
+  ready_timeout: {ready_timeout}
+  hard_stop_after: {hard_stop_after}
+{extra_global}
+defaults:
+  mode: http
+  timeout: {{connect: 2s, client: 30s, server: 30s}}
+frontends:
+  - name: web
+    bind: ["127.0.0.1:{port}"]
+    default_backend: app
+backends:
+  - name: app
+    servers:
+{server_lines}
+"""
+
+
+def tcp_config(port: int, echo: str, *, max_reloads: int = 50, hard_stop_after: str = "30s") -> str:
+    return f"""\
+global:
+  max_reloads: {max_reloads}
+  hard_stop_after: {hard_stop_after}
+frontends:
+  - name: echo
+    mode: tcp
+    bind: ["127.0.0.1:{port}"]
+    default_backend: echo
+backends:
+  - name: echo
+    mode: tcp
+    servers:
+      - {{name: e1, address: "{echo}"}}
+"""

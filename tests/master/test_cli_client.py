@@ -7,8 +7,7 @@ import json
 import subprocess
 import sys
 
-from master_harness import free_port
-from test_master import http_config
+from master_harness import free_port, http_config
 
 HEAVY = ["asyncio", "yaml", "hapymaster.config", "hapymaster.master", "hapymaster.mcli",
          "hapymaster.worker"]

@@ -8,8 +8,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from master_harness import HOOKS, ROOT, free_port, http_get, pid_alive, wait_for, worker_fault
-from test_master import http_config
+from master_harness import (HOOKS, ROOT, free_port, http_config, http_get, pid_alive, wait_for,
+                            worker_fault)
 
 TEMPLATE_COMM = "hapymaster-tmpl"
 

@@ -12,26 +12,11 @@ import os
 import socket
 import time
 
-from master_harness import free_port, wait_for
+from master_harness import free_port, http_config, wait_for
 
 NOBODY = 65534
 # A gid nobody has: the socket file is not in it.
 STRANGER_GID = 54321
-
-def config(port: int, backend: str) -> str:
-    return f"""\
-global:
-  workers: 1
-frontends:
-  - name: web
-    bind: ["127.0.0.1:{port}"]
-    default_backend: app
-backends:
-  - name: app
-    servers:
-      - {{name: s1, address: "{backend}"}}
-"""
-
 
 def ctl_as(path: str, command: str, uid: int, gid: int, groups: tuple[int, ...] = ()) -> str:
     """One master-CLI command from a child process running as another user.
@@ -85,7 +70,7 @@ def test_a_stranger_is_refused_even_with_a_world_writable_socket(master_factory,
     if os.geteuid() != 0:
         import pytest
         pytest.skip("needs root to connect as another user")
-    master = master_factory(config(free_port(), http_backend("a").address))
+    master = master_factory(http_config(free_port(), [http_backend("a").address]))
     _widen(master.socket_path)
     before = master.show_proc()
     answer = ctl_as(master.socket_path, "reload", NOBODY, STRANGER_GID)
@@ -100,7 +85,7 @@ def test_the_socket_group_and_root_are_allowed(master_factory, http_backend):
     if os.geteuid() != 0:
         import pytest
         pytest.skip("needs root to connect as another user")
-    master = master_factory(config(free_port(), http_backend("a").address))
+    master = master_factory(http_config(free_port(), [http_backend("a").address]))
     _widen(master.socket_path)
     os.chown(master.socket_path, -1, STRANGER_GID)
     # Primary group, then a supplementary one: both are "in the socket's group".
@@ -111,7 +96,7 @@ def test_the_socket_group_and_root_are_allowed(master_factory, http_backend):
 
 
 def test_an_idle_cli_connection_is_closed(master_factory, http_backend):
-    master = master_factory(config(free_port(), http_backend("a").address))
+    master = master_factory(http_config(free_port(), [http_backend("a").address]))
     sock = socket.socket(socket.AF_UNIX)
     sock.settimeout(30)
     sock.connect(master.socket_path)
@@ -124,7 +109,7 @@ def test_an_idle_cli_connection_is_closed(master_factory, http_backend):
 
 
 def test_a_command_line_is_bounded(master_factory, http_backend):
-    master = master_factory(config(free_port(), http_backend("a").address))
+    master = master_factory(http_config(free_port(), [http_backend("a").address]))
     sock = socket.socket(socket.AF_UNIX)
     sock.settimeout(10)
     sock.connect(master.socket_path)

@@ -6,21 +6,7 @@ import os
 
 import pytest
 
-from master_harness import free_port, http_get
-
-CONFIG = """\
-global:
-  workers: 1
-frontends:
-  - name: web
-    bind: ["127.0.0.1:{port}"]
-    default_backend: app
-backends:
-  - name: app
-    servers:
-      - {{name: s1, address: "{backend}"}}
-"""
-
+from master_harness import free_port, http_config, http_get
 
 def _removed(path) -> None:
     os.unlink(path)
@@ -43,7 +29,7 @@ def _not_utf8(path) -> None:
 def test_reload_with_an_unreadable_config_keeps_serving(master_factory, notify_socket,
                                                         http_backend, damage, reason):
     port = free_port()
-    master = master_factory(CONFIG.format(port=port, backend=http_backend("a").address))
+    master = master_factory(http_config(port, [http_backend("a").address]))
     workers = master.workers()
     damage(master.config_path)
     mark = len(notify_socket.snapshot())

@@ -125,6 +125,16 @@ def unit_pids(c: Container) -> set[int]:
     return {int(p) for p in out.split()}
 
 
+def template_pids(c: Container) -> set[int]:
+    """The worker template (fork server) processes in the service's cgroup."""
+    pids = set()
+    for pid in unit_pids(c):
+        comm = c.sh(f"cat /proc/{pid}/comm 2>/dev/null || true").stdout.strip()
+        if comm == "hapymaster-tmpl":
+            pids.add(pid)
+    return pids
+
+
 def test_install_starts_and_enables_the_service(container: Container):
     c = container
     # The origin server the shipped example config points at (127.0.0.1:8000).
@@ -177,10 +187,12 @@ def test_start_is_type_notify_and_mainpid_is_the_master(container: Container):
     assert [p.pid for p in masters] == [pid], text
     workers = current_workers(c)
     assert workers, text
-    # Master and workers, nothing else, all in the unit's cgroup, all as the
-    # package's user.
-    assert unit_pids(c) == {pid} | workers, (unit_pids(c), text)
-    for p in {pid} | workers:
+    # Master, its one worker template and the workers, nothing else, all in
+    # the unit's cgroup, all as the package's user.
+    templates = template_pids(c)
+    assert len(templates) == 1, (unit_pids(c), text)
+    assert unit_pids(c) == {pid} | workers | templates, (unit_pids(c), text)
+    for p in {pid} | workers | templates:
         assert c.sh(f"stat -c %U /proc/{p}").stdout.strip() == "hapymaster"
 
 
