@@ -374,7 +374,7 @@ def render(args, scenarios, results, direct, idle_rss, hapy_log, hap_log, layout
          f"Each figure is the median of {args.reps} runs of {args.duration:g}s (wrk -t1), proxies "
          f"alternating; 1 hapymaster worker, HAProxy nbthread 1. Access log off on both, except "
          "the `-log` scenarios: HAProxy `option httplog` to the bench's syslog sink (a unix "
-         "datagram socket), hapymaster its default access log (master's stderr, to a file). "
+         "datagram socket), hapymaster `global.access_log` with `target: syslog` to the same sink. "
          "\"cpu\" is the proxy process's CPU time over the run (1.00 = one core saturated); "
          f"\"load core\" is how busy cpu {args.load_cpu} (wrk + nginx) was: near 100% means "
          "the load side, not the proxy, was the limit.", ""]
