@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hapymaster import mclient  # the master CLI client (HAProxy's master CLI speaks the same)
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 VENV = REPO / ".venv" / "bin"
@@ -372,18 +374,7 @@ def wrk_cmd(port: int, path: str, conns: int, duration: float, cpu: str,
 
 def master_cli(path: str | Path, command: str, timeout: float = 10.0) -> str:
     """One command on a master CLI (hapymaster's or HAProxy's: same protocol)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(command.encode() + b"\n")
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", "replace")
+    return mclient.client(str(path), command, timeout)
 
 
 @dataclass

@@ -211,6 +211,10 @@ def test_template_that_hangs_fails_the_reload_within_ready_timeout(master_factor
     template = template_of(master)
     worker_fault(tmp_path, "template-hang-at-start")
     os.kill(template, signal.SIGKILL)   # the reload must start a new one, which hangs
+    # Reaped, so its socket is closed for sure: otherwise, on a loaded machine,
+    # the reload may still find the dying one and fail on its broken pipe instead.
+    wait_for(lambda: f"the worker template {template} exited" in master.log(),
+             what="the killed template to be reaped")
     answer = master.reload()
     assert answer.startswith("Success=0"), answer
     assert "was not ready within 2s" in answer and "the previous workers keep serving" in answer
