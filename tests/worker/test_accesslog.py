@@ -649,3 +649,25 @@ def test_file_target_reopens_a_file_renamed_away(tmp_path):
         assert log.dropped == 0
     finally:
         log.close()
+
+
+def test_a_full_disk_drops_lines_and_keeps_serving(backend, bind, run_worker):
+    """/dev/full: every write fails with ENOSPC, as on a full disk."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    a = backend("a")
+    front = bind("web")
+    worker = run_worker(http_config(front, [("a", a.address)],
+                                    extra_global='  access_log: {target: file, address: "/dev/full"}'))
+    for _ in range(20):
+        assert http_get(front)[0] == 200
+    deadline = time.monotonic() + 5
+    while True:
+        dropped = int(re.search(r"DroppedLogs: (\d+)", worker.cli("show info")).group(1))
+        if dropped >= 20:
+            break
+        assert time.monotonic() < deadline, worker.cli("show info")
+        time.sleep(0.05)
+    assert dropped == 20
+    # Said once, not per line.
+    assert worker.log.count("No space left on device") == 1, worker.log
