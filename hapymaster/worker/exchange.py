@@ -46,7 +46,7 @@ class Phase(enum.IntEnum):
     # Numbered so that the phases timed from the last I/O (an inactivity
     # limit) come last: ``phase >= BODY``.
     PARKED = 0     # accepted beyond maxconn, waiting for a slot: no timeout
-    HEAD = 1       # waiting for a complete request head: timeout.http_request -> 408
+    HEAD = 1       # waiting for a complete request head: timeout.http_request (else client) -> 408
     IDLE = 2       # keep-alive, between requests: timeout.http_keep_alive -> close
     QUEUE = 3      # waiting for a server slot: timeout.queue -> 503 (tcp: close)
     CONNECT = 4    # connecting to the server: timeout.connect -> retry, then 503
