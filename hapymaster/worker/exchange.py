@@ -78,6 +78,7 @@ class Exchange:
     version = "1.1"
     head_size = 0
     host = b""
+    hosts = 0                # Host fields received (RFC 9112 3.2: one, or none in HTTP/1.0)
     keep_alive = True        # the client's wish (HTTP/1.0 without keep-alive, Connection: close)
     upgrade = False          # Connection: upgrade asked
     leftover = b""           # bytes after an Upgrade head: the new protocol's, or the next request

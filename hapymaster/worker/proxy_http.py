@@ -86,7 +86,8 @@ class HttpClient(asyncio.Protocol):
     __slots__ = ("w", "fe", "transport", "parser", "reqs", "req", "srv", "phase", "deadline",
                  "t_io", "paused", "write_paused", "closed", "tunnel", "peer", "client_key",
                  "connect_task", "t_accept", "out", "forwarding", "raw_body", "bad_code",
-                 "head_buf", "head_t0", "method", "chunks", "read_done", "trusted_ip")
+                 "head_buf", "head_t0", "method", "chunks", "read_done", "trusted_ip",
+                 "good_host")
 
     def __init__(self, worker: "Worker", frontend: "FrontendState"):
         self.w = worker
@@ -129,6 +130,9 @@ class HttpClient(asyncio.Protocol):
         # after it are dropped, not answered 400 after it was forwarded.
         self.read_done = False
         self.trusted_ip: str | None = None   # the peer, when it is a trusted proxy
+        # The last Host value found valid: a connection's requests nearly
+        # always carry the same one, checked once.
+        self.good_host = b""
 
     # --- the phase ----------------------------------------------------------------
 
@@ -401,13 +405,17 @@ class HttpClient(asyncio.Protocol):
             return size
         end += 4
         head = data if end == size and not pos else data[pos:end]
-        method, error = request_line(head[:head.find(b"\r\n")])
-        if error:
-            self._bad_request(error)
-            return size
-        self.method = method
+        method = head[:head.find(b" ")]
         if method not in PARSER_METHODS:
+            # The parser checks the rest of a line that starts with a method
+            # it knows; any other is checked here, and the parser gets a
+            # stand-in (h1.PARSER_METHODS).
+            method, error = request_line(head[:head.find(b"\r\n")])
+            if error:
+                self._bad_request(error)
+                return size
             head = STAND_IN + head[len(method):]
+        self.method = method
         try:
             self.parser.feed_data(head)
         except HttpParserUpgrade:
@@ -492,6 +500,9 @@ class HttpClient(asyncio.Protocol):
         if req.headers_done:
             return  # trailers of a chunked body: not forwarded
         req.headers.append((name, value))
+        if len(name) == 4 and name.lower() == b"host":     # counted for h1.host_error
+            req.hosts += 1
+            req.host = value
         req.head_size += len(name) + len(value) + 4
         if req.head_size > MAX_HEAD or len(req.headers) > MAX_HEADERS:
             raise _ParseStop(431)
@@ -503,8 +514,13 @@ class HttpClient(asyncio.Protocol):
         req.t_head = self.t_io
         req.method = self.method
         req.version = version = parser.get_http_version()
-        if host_error(req.headers, version):
-            raise _ParseStop(400)
+        if version != "1.1" and version != "1.0":
+            raise _ParseStop(400)   # HTTP/0.9 or 2.0 in a line the parser took
+        if req.hosts != 1 or req.host != self.good_host:
+            if host_error(req.hosts, req.host, version):
+                raise _ParseStop(400)
+            if req.hosts:
+                self.good_host = req.host
         # keep_alive and upgrade default to True and False on the class.
         if not parser.should_keep_alive():
             req.keep_alive = False
