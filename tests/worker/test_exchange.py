@@ -259,3 +259,18 @@ def test_thousands_of_pipelined_bodies_in_one_read(proxy):
     post = b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx"
     p.client.data_received(post * 3000)
     assert len(p.client.reqs) == 3000 and all(r.complete for r in p.client.reqs)
+
+
+def test_a_head_begun_while_the_previous_request_is_served(proxy):
+    # Its start is held by the connection (no exchange yet); once the answer
+    # before it is out, the connection waits for the rest of it in HEAD
+    # (a 408 at timeout.http_request), not IDLE (a silent close).
+    p = proxy()
+    p.client.data_received(GET + b"GET /b HTTP/1.1\r\nHo")
+    assert p.server_side.take().startswith(b"GET /a ")
+    p.conn.data_received(OK)
+    assert p.client_side.take() == OK
+    assert p.client.phase == Phase.HEAD
+    p.client.data_received(b"st: h\r\n\r\n")
+    p.run_callbacks()
+    assert p.server_side.take().startswith(b"GET /b HTTP/1.1\r\nHost: h\r\n")
