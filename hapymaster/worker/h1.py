@@ -118,7 +118,8 @@ def authority(url: bytes) -> bytes:
 
 def request_head(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], upgrade: bool,
                  forwarding: bytes, skip: frozenset = HOP_BY_HOP, trusted_ip: str | None = None,
-                 default_host: bytes = b"") -> tuple[bytes, bytes, bool, bool]:
+                 default_host: bytes = b"", target_host: bytes = b""
+                 ) -> tuple[bytes, bytes, bool, bool]:
     """The request as sent to the server: ``(head, host, chunked, has_body)``.
 
     Hop-by-hop headers (and those named by Connection) are dropped, the
@@ -129,7 +130,8 @@ def request_head(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
     proxy writes: the client's are dropped, or, when it is a trusted proxy
     (``trusted_ip``, its address), extended. ``default_host``: the Host sent
     when the client sent none (HTTP/1.0; the request goes on as HTTP/1.1,
-    which needs one).
+    which needs one). ``target_host``: the authority of an absolute-form
+    target, sent as Host instead of the client's (RFC 9112 3.2.2).
     """
     lines = [method, b" ", url, b" HTTP/1.1\r\n"]
     extra_hop: tuple[bytes, ...] = ()
@@ -159,6 +161,8 @@ def request_head(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
             length = value
         elif lname == b"host":
             host = value
+            if target_host:
+                continue
         lines += (name, b": ", value, b"\r\n")
     if extra_hop:
         extra_hop = tuple(t for t in extra_hop if t not in NEVER_HOP)
@@ -167,9 +171,13 @@ def request_head(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
         lines = [method, b" ", url, b" HTTP/1.1\r\n"]
         for name, value in headers:
             lname = name.lower()
-            if lname not in skip and lname not in extra_hop:
+            if lname not in skip and lname not in extra_hop and not (
+                    target_host and lname == b"host"):
                 lines += (name, b": ", value, b"\r\n")
-    if not host and default_host:
+    if target_host:
+        host = target_host
+        lines += (b"Host: ", host, b"\r\n")
+    elif not host and default_host:
         host = default_host
         lines += (b"Host: ", host, b"\r\n")
     chunked = codings is not None

@@ -711,13 +711,15 @@ class HttpClient(asyncio.Protocol):
             if fe.trusted_proxies and trusted(ip, fe.trusted_proxies):
                 self.trusted_ip = ip
         # The request goes on as HTTP/1.1, which needs a Host: an HTTP/1.0
-        # one without gets the target's authority, or the server's address
-        # (as HAProxy's checks send), else nginx answers 400.
-        default_host = b"" if req.version == "1.1" else \
-            authority(req.url) or req.server.address.encode()
+        # one without gets the server's address (as HAProxy's checks send),
+        # else nginx answers 400. An absolute-form target's authority
+        # replaces the client's Host (RFC 9112 3.2.2).
+        url = req.url
+        target_host = authority(url) if url[:1] != b"/" else b""
+        default_host = b"" if req.version == "1.1" else req.server.address.encode()
         head, req.host, chunked, has_body = request_head(
-            req.method, req.url, req.headers, req.upgrade, forwarding, self.fe.request_skip,
-            self.trusted_ip, default_host)
+            req.method, url, req.headers, req.upgrade, forwarding, self.fe.request_skip,
+            self.trusted_ip, default_host, target_host)
         if chunked:
             req.chunked = True
         if has_body:

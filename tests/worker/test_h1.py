@@ -271,3 +271,17 @@ def test_host_error_fast_path_agrees_with_the_grammar():
         assert not h1.host_error(1, good, "1.1"), good
     for bad in (b"a:b", b"a:80:80", b":80:", b"a@b", b"a:8 0"):
         assert h1.host_error(1, bad, "1.1"), bad
+
+
+def test_an_absolute_form_targets_authority_replaces_the_host():
+    # RFC 9112 3.2.2: a proxy generates Host from an absolute-form target.
+    headers = [(b"Host", b"other"), (b"Accept", b"*/*")]
+    head, host, _, _ = h1.request_head(b"GET", b"http://e.org:81/p", headers, False, b"\r\n",
+                                       SKIP, None, b"", b"e.org:81")
+    assert head == b"GET http://e.org:81/p HTTP/1.1\r\nAccept: */*\r\nHost: e.org:81\r\n\r\n"
+    assert host == b"e.org:81"
+    # The same when a Connection header makes the head be built again.
+    headers.append((b"Connection", b"X-A"))
+    head, _, _, _ = h1.request_head(b"GET", b"http://e.org:81/p", headers, False, b"\r\n",
+                                    SKIP, None, b"s:80", b"e.org:81")
+    assert head.count(b"Host:") == 1 and b"Host: e.org:81\r\n" in head

@@ -208,6 +208,13 @@ def test_http10_absolute_form_gets_its_authority_as_host(origin, front):
     assert origin.header(0, b"host") == [b"example.com:81"], origin.heads
 
 
+def test_absolute_form_authority_replaces_the_host(origin, front):
+    # RFC 9112 3.2.2: a proxy forwarding an absolute-form target generates Host from it.
+    raw_exchange(front, b"GET http://example.com:81/p HTTP/1.1\r\nHost: other\r\n"
+                        b"Connection: close\r\n\r\n")
+    assert origin.header(0, b"host") == [b"example.com:81"], origin.heads
+
+
 # --- HTTP/0.9 ------------------------------------------------------------------------------
 
 def test_an_http09_request_line_gets_400_at_once(origin, front):
