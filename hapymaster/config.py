@@ -85,7 +85,9 @@ class Address:
 @dataclass(frozen=True)
 class Timeouts:
     """All in seconds. ``http_keep_alive`` bounds an idle client connection
-    between two requests (HAProxy's ``timeout http-keep-alive``)."""
+    between two requests (HAProxy's ``timeout http-keep-alive``).
+    ``http_request`` bounds a whole request head; None when not set, and
+    then ``client`` does (HAProxy's fallback): see ``head``."""
 
     connect: float = 5.0
     client: float = 30.0
@@ -93,8 +95,13 @@ class Timeouts:
     check: float = 2.0
     queue: float = 5.0
     tunnel: float = 3600.0
-    http_request: float = 10.0
+    http_request: float | None = None
     http_keep_alive: float = 10.0
+
+    @property
+    def head(self) -> float:
+        """The limit on receiving a whole request head (slowloris): http_request, else client."""
+        return self.client if self.http_request is None else self.http_request
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,14 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Network:
+    """One entry of ``trusted_proxies``: a CIDR whose forwarding headers are believed."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    where: Where = field(default=NOWHERE, compare=False)
+
+
+@dataclass(frozen=True)
 class Frontend:
     name: str
     bind: tuple[Address, ...]
@@ -167,6 +182,9 @@ class Frontend:
     x_forwarded_for: bool = True
     x_forwarded_proto: bool = True
     forwarded: bool = True
+    # Clients whose own X-Forwarded-For/-Proto and Forwarded are extended
+    # (theirs, then ours); anyone else's are replaced by ours.
+    trusted_proxies: tuple[Network, ...] = ()
     access_log: bool = True  # one httplog/tcplog line per request/session
     max_body_size: int = 0  # bytes; a larger request body gets 413 (0 = no limit)
     where: Where = field(default=NOWHERE, compare=False)
@@ -492,10 +510,33 @@ class _Parser:
             x_forwarded_for=self.inherited(section, defaults, "x_forwarded_for", _bool, True, what),
             x_forwarded_proto=self.inherited(section, defaults, "x_forwarded_proto", _bool, True, what),
             forwarded=self.inherited(section, defaults, "forwarded", _bool, True, what),
+            trusted_proxies=self.networks(section if "trusted_proxies" in section else defaults,
+                                          "defaults" if "trusted_proxies" not in section else what),
             access_log=self.inherited(section, defaults, "access_log", _bool, True, what),
             max_body_size=self.inherited(section, defaults, "max_body_size", _count(0), 0, what),
             where=self.where(section.line),
         )
+
+    def networks(self, section: _Map, what: str) -> tuple[Network, ...]:
+        """``trusted_proxies``: a list of CIDRs (an address alone is a /32 or /128)."""
+        if "trusted_proxies" not in section:
+            return ()
+        raw = section["trusted_proxies"]
+        line = section.key_lines["trusted_proxies"]
+        if not isinstance(raw, _Seq):
+            self.error(line, f"{what}.trusted_proxies must be a list of CIDRs such as "
+                             f"\"10.0.0.0/8\", got {_kind(raw)}")
+            return ()
+        result = []
+        for item, item_line in zip(raw, raw.item_lines):
+            try:
+                if not isinstance(item, str):
+                    raise ValueError(f"expected a CIDR such as \"10.0.0.0/8\", got {_kind(item)}")
+                result.append(Network(ipaddress.ip_network(item, strict=True),
+                                      self.where(item_line)))
+            except ValueError as exc:
+                self.error(item_line, f"{what}.trusted_proxies: {exc}")
+        return tuple(result)
 
     def route(self, value: Any, line: int, what: str) -> Route | None:
         section = self.section(value, line, f"{what} route", ("path_prefix", "host", "backend"),
@@ -627,11 +668,11 @@ class _Parser:
 
 
 _DEFAULTS_KEYS = ("mode", "timeout", "maxconn", "balance", "check",
-                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "access_log",
-                  "max_body_size")
+                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "trusted_proxies",
+                  "access_log", "max_body_size")
 _FRONTEND_KEYS = ("name", "bind", "mode", "default_backend", "routes", "timeout", "maxconn",
-                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "access_log",
-                  "max_body_size")
+                  "x_forwarded_for", "x_forwarded_proto", "forwarded", "trusted_proxies",
+                  "access_log", "max_body_size")
 _BACKEND_KEYS = ("name", "mode", "balance", "check", "servers", "timeout")
 
 

@@ -46,7 +46,7 @@ class Phase(enum.IntEnum):
     # Numbered so that the phases timed from the last I/O (an inactivity
     # limit) come last: ``phase >= BODY``.
     PARKED = 0     # accepted beyond maxconn, waiting for a slot: no timeout
-    HEAD = 1       # waiting for a complete request head: timeout.http_request -> 408
+    HEAD = 1       # waiting for a complete request head: timeout.http_request (else client) -> 408
     IDLE = 2       # keep-alive, between requests: timeout.http_keep_alive -> close
     QUEUE = 3      # waiting for a server slot: timeout.queue -> 503 (tcp: close)
     CONNECT = 4    # connecting to the server: timeout.connect -> retry, then 503
@@ -78,6 +78,7 @@ class Exchange:
     version = "1.1"
     head_size = 0
     host = b""
+    hosts = 0                # Host fields received (RFC 9112 3.2: one, or none in HTTP/1.0)
     keep_alive = True        # the client's wish (HTTP/1.0 without keep-alive, Connection: close)
     upgrade = False          # Connection: upgrade asked
     leftover = b""           # bytes after an Upgrade head: the new protocol's, or the next request

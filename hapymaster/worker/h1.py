@@ -5,6 +5,10 @@ which headers are hop-by-hop, how a body is framed on each side, whether
 the client connection stays open, and the heads as they are sent on. The
 connection code (``proxy_http``) calls these; the tests call them directly.
 
+On the way in: where a request head ends, whether its request line and
+Host are valid, and its chunked body decoded (``ChunkedDecoder``), the
+parts of RFC 9112 that httptools (llhttp) gets wrong for a proxy.
+
 The server side always speaks HTTP/1.1 with keep-alive. To the client, a
 body is sent with the framing the server gave it, except a body delimited
 by the server closing, which HTTP/1.1 clients get chunked (so that they
@@ -12,6 +16,8 @@ keep their connection) and HTTP/1.0 clients get with a close.
 """
 
 from __future__ import annotations
+
+import re
 
 # Limits in the spirit of HAProxy's tune.bufsize (16 kB): a request line
 # longer than MAX_URL gets 414, a header section beyond MAX_HEAD or more than
@@ -62,49 +68,101 @@ def _connection_tokens(value: bytes) -> tuple[bytes, ...]:
     return tuple(t.strip().lower() for t in value.split(b","))
 
 
+# The forwarding fields the proxy writes itself. A client's own are never
+# passed on next to ours (any client could claim X-Forwarded-Proto: https):
+# they are dropped, or extended when the client is a trusted proxy.
+FORWARDING_FIELDS = (b"x-forwarded-for", b"x-forwarded-proto", b"forwarded")
+
+
+def request_skip(x_forwarded_for: bool, x_forwarded_proto: bool, forwarded: bool) -> frozenset:
+    """The lowered request header names never copied as such to the server:
+    hop-by-hop ones and the forwarding fields the proxy writes (one set per frontend)."""
+    written = (x_forwarded_for, x_forwarded_proto, forwarded)
+    return HOP_BY_HOP | {name for name, on in zip(FORWARDING_FIELDS, written) if on}
+
+
 def forwarding_headers(client_ip: str, x_forwarded_for: bool, x_forwarded_proto: bool,
-                       forwarded: bool) -> bytes:
-    """X-Forwarded-For/-Proto and Forwarded (RFC 7239), with the blank line that ends the head."""
+                       forwarded: bool, claims: dict[bytes, list[bytes]] | None = None) -> bytes:
+    """X-Forwarded-For/-Proto and Forwarded (RFC 7239), with the blank line that ends the head.
+
+    ``claims``: the values a trusted proxy in front of us sent, by lowered
+    name; ours are appended to its X-Forwarded-For and Forwarded lists, and
+    its X-Forwarded-Proto (the scheme its client used) is kept instead of ours.
+    """
+    claims = claims or {}
     text = ""
     if x_forwarded_for:
-        text += f"X-Forwarded-For: {client_ip}\r\n"
+        prior = claims.get(b"x-forwarded-for")
+        before = ", ".join(v.decode("latin-1") for v in prior) + ", " if prior else ""
+        text += f"X-Forwarded-For: {before}{client_ip}\r\n"
     if x_forwarded_proto:
-        text += "X-Forwarded-Proto: http\r\n"
+        prior = claims.get(b"x-forwarded-proto")
+        proto = prior[-1].decode("latin-1") if prior else "http"
+        text += f"X-Forwarded-Proto: {proto}\r\n"
     if forwarded:
+        prior = claims.get(b"forwarded")
+        before = ", ".join(v.decode("latin-1") for v in prior) + ", " if prior else ""
         node = f'"[{client_ip}]"' if ":" in client_ip else client_ip
-        text += f"Forwarded: for={node};proto=http\r\n"
+        text += f"Forwarded: {before}for={node};proto=http\r\n"
     return (text + "\r\n").encode("latin-1")
 
 
+def authority(url: bytes) -> bytes:
+    """The host[:port] of an absolute-form request target, b"" for any other form."""
+    lower = url[:8].lower()
+    if not (lower.startswith(b"http://") or lower.startswith(b"https://")):
+        return b""
+    hostport = url.split(b"/", 3)[2]
+    return hostport.rpartition(b"@")[2]
+
+
 def request_head(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], upgrade: bool,
-                 forwarding: bytes) -> tuple[bytes, bytes, bool, bool]:
+                 forwarding: bytes, skip: frozenset = HOP_BY_HOP, trusted_ip: str | None = None,
+                 default_host: bytes = b"", target_host: bytes = b""
+                 ) -> tuple[bytes, bytes, bool, bool]:
     """The request as sent to the server: ``(head, host, chunked, has_body)``.
 
     Hop-by-hop headers (and those named by Connection) are dropped, the
-    framing is restated (a chunked body stays chunked), an Upgrade asked by
-    the client is passed on, ``forwarding`` (see forwarding_headers) ends it.
+    framing is restated (a chunked body stays chunked, with the codings
+    before chunked kept: they are the body's, RFC 9112 6.1), an Upgrade
+    asked by the client is passed on, ``forwarding`` (see forwarding_headers)
+    ends it. ``skip`` (request_skip) also holds the forwarding fields the
+    proxy writes: the client's are dropped, or, when it is a trusted proxy
+    (``trusted_ip``, its address), extended. ``default_host``: the Host sent
+    when the client sent none (HTTP/1.0; the request goes on as HTTP/1.1,
+    which needs one). ``target_host``: the authority of an absolute-form
+    target, sent as Host instead of the client's (RFC 9112 3.2.2).
     """
     lines = [method, b" ", url, b" HTTP/1.1\r\n"]
     extra_hop: tuple[bytes, ...] = ()
     upgrade_value = b""
-    chunked = False
+    codings: list[bytes] | None = None
+    claims: dict[bytes, list[bytes]] | None = None
     length = None
     host = b""
     for name, value in headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP:
+        if lname in skip:
             if lname == b"connection":
                 if value.lower() not in PLAIN_CONNECTION:
                     extra_hop += _connection_tokens(value)
             elif lname == b"transfer-encoding":
-                chunked = True
+                if codings is None:
+                    codings = []
+                codings.append(value)
             elif lname == b"upgrade":
                 upgrade_value = value
+            elif trusted_ip is not None and lname not in HOP_BY_HOP:
+                if claims is None:
+                    claims = {}
+                claims.setdefault(lname, []).append(value)
             continue
         if lname == b"content-length":
             length = value
         elif lname == b"host":
             host = value
+            if target_host:
+                continue
         lines += (name, b": ", value, b"\r\n")
     if extra_hop:
         extra_hop = tuple(t for t in extra_hop if t not in NEVER_HOP)
@@ -113,15 +171,196 @@ def request_head(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
         lines = [method, b" ", url, b" HTTP/1.1\r\n"]
         for name, value in headers:
             lname = name.lower()
-            if lname not in HOP_BY_HOP and lname not in extra_hop:
+            if lname not in skip and lname not in extra_hop and not (
+                    target_host and lname == b"host"):
                 lines += (name, b": ", value, b"\r\n")
+    if target_host:
+        host = target_host
+        lines += (b"Host: ", host, b"\r\n")
+    elif not host and default_host:
+        host = default_host
+        lines += (b"Host: ", host, b"\r\n")
+    chunked = codings is not None
     if chunked:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
+        if len(codings) == 1 and codings[0].lower() == b"chunked":
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            lines += (b"Transfer-Encoding: ", b", ".join(codings), b"\r\n")
     has_body = chunked or (length is not None and length != b"0")
     if upgrade and upgrade_value:
         lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
+    if claims is not None:
+        forwarding = forwarding_headers(trusted_ip, b"x-forwarded-for" in skip,
+                                        b"x-forwarded-proto" in skip, b"forwarded" in skip, claims)
     lines.append(forwarding)
     return b"".join(lines), host, chunked, has_body
+
+
+# --- the request as it arrives: its head's end, request line, Host, chunked body --------
+
+# RFC 9110 5.6.2: tchar. ``bytes.translate`` deleting these leaves nothing of a token.
+TCHARS = (b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+          b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# Methods the parser (llhttp) knows. Any other token is a valid method too
+# (RFC 9110 9.1: PURGE, -BLARGH): the parser is fed STAND_IN in its place,
+# whose framing is the same (a request's framing does not depend on its
+# method, CONNECT aside), and the real token is forwarded.
+PARSER_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
+                            b"TRACE"))
+STAND_IN = b"GET"
+VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+
+
+def request_line(line: bytes) -> tuple[bytes, int]:
+    """``(method, error)`` of a request line without its CRLF (RFC 9112 3).
+
+    ``error`` is 0, or the status to answer: 400 for anything but
+    ``token SP target SP HTTP/1.x`` (an HTTP/0.9 ``GET /`` included: it has
+    no version, and waiting for one would only end in a timeout), 405 for
+    CONNECT (no tunnels to arbitrary hosts). The target's characters are the
+    parser's to check.
+    """
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[2] not in VERSIONS or not parts[1]:
+        return b"", 400
+    method = parts[0]
+    if method not in PARSER_METHODS:
+        if not method or method.translate(None, TCHARS):
+            return b"", 400
+        if method == b"CONNECT":
+            return method, 405
+    return method, 0
+
+
+# Control characters no head may hold (CR, LF and HTAB have their places).
+_CTL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def partial_head_error(buf: bytes) -> int:
+    """The status for the start of a head still incomplete, 0 while it may yet be valid.
+
+    What the parser would only see once the head is whole: a bad request line
+    (answered as soon as its CRLF is there), a bare LF (a head ending in LF LF
+    would otherwise wait for a CRLF CRLF that never comes), a line too long.
+    """
+    if _CTL.search(buf) is not None:
+        return 400
+    lines = buf.count(b"\r\n")
+    if buf.count(b"\n") != lines or buf.count(b"\r") != lines + (buf[-1] == 13):
+        return 400      # a bare LF or CR (a CR last may be half of a CRLF)
+    if not lines:
+        return 414 if len(buf) > MAX_URL else 0
+    _, error = request_line(buf[:buf.find(b"\r\n")])
+    if error:
+        return error
+    return 431 if len(buf) > MAX_HEAD else 0
+
+
+# RFC 3986 3.2.2-3 host [":" port]: an IP-literal or a reg-name (IPv4 is one).
+# RFC 9112 3.2 allows an empty Host (a target without an authority).
+_REG_NAME = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%"
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+
+
+def host_error(count: int, host: bytes, version: str) -> bool:
+    """Whether RFC 9112 3.2 says 400, given the number of Host fields and the last one's
+    value: two or more, an invalid one, or none in HTTP/1.1."""
+    if count != 1:
+        return count > 1 or version == "1.1"
+    # Most hosts are a reg-name and a port: checked without the regex
+    # (translate deletes the reg-name characters, digits among them).
+    left = host.translate(None, _REG_NAME)
+    if not left:
+        return False
+    if left == b":":
+        return not host.rpartition(b":")[2].isdigit() and not host.endswith(b":")
+    return _HOST.fullmatch(host) is None
+
+
+# chunk = chunk-size *( BWS ";" BWS ext-name [ BWS "=" BWS ext-value ] ) CRLF (RFC 9112 7.1.1);
+# ext-value a token or a quoted-string. The parser refuses the BWS, so the
+# proxy decodes the chunked layer itself.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*" + _TOKEN
+                         + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*")
+# A trailer field line: name ":" value, no CTL but HTAB (trailers are read and dropped).
+_TRAILER = re.compile(_TOKEN + rb":[\t \x21-\x7e\x80-\xff]*")
+MAX_CHUNK_LINE = 4096
+
+_SIZE, _DATA, _DATA_END, _TRAILERS = range(4)
+
+
+class ChunkedDecoder:
+    """The chunked layer of a request body (RFC 9112 7.1), decoded as it arrives.
+
+    Extensions and trailers are read and dropped (the proxy re-chunks the
+    body to the server). ``feed`` raises ValueError on a framing error.
+    """
+
+    __slots__ = ("state", "left", "line", "trailer_size")
+
+    def __init__(self) -> None:
+        self.state = _SIZE
+        self.left = 0           # bytes of the current chunk's data still to come
+        self.line = b""         # a size or trailer line not ended yet
+        self.trailer_size = 0
+
+    def feed(self, data: bytes, pos: int = 0) -> tuple[list[bytes], int]:
+        """``(pieces, end)``: the body bytes in ``data`` from ``pos`` on, and the
+        offset just after the body's last byte, or -1 when it goes on beyond ``data``."""
+        pieces = []
+        size = len(data)
+        while pos < size:
+            state = self.state
+            if state == _DATA:
+                take = min(self.left, size - pos)
+                pieces.append(data if take == size else data[pos:pos + take])  # take == size: pos 0
+                pos += take
+                self.left -= take
+                if not self.left:
+                    self.state = _DATA_END
+                continue
+            if state == _DATA_END:
+                # The CRLF after a chunk's data, possibly split between reads.
+                need = b"\r\n"[len(self.line):]
+                got = data[pos:pos + len(need)]
+                if need[:len(got)] != got:
+                    raise ValueError("no CRLF after chunk data")
+                pos += len(got)
+                if len(got) < len(need):
+                    self.line = b"\r"
+                    continue
+                self.line = b""
+                self.state = _SIZE
+                continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self.line += data[pos:]
+                if len(self.line) > MAX_CHUNK_LINE:
+                    raise ValueError("chunk line too long")
+                break
+            line = self.line + data[pos:nl + 1]
+            self.line = b""
+            pos = nl + 1
+            if len(line) < 2 or line[-2] != 13:
+                raise ValueError("bare LF in chunked framing")
+            if len(line) > MAX_CHUNK_LINE:
+                raise ValueError("chunk line too long")
+            line = line[:-2]
+            if state == _SIZE:
+                match = _CHUNK_SIZE.fullmatch(line)
+                if match is None:
+                    raise ValueError("invalid chunk size line")
+                self.left = int(match.group(1), 16)
+                self.state = _DATA if self.left else _TRAILERS
+            elif not line:          # _TRAILERS: the empty line ends the body
+                return pieces, pos
+            else:
+                self.trailer_size += len(line)
+                if self.trailer_size > MAX_HEAD or _TRAILER.fullmatch(line) is None:
+                    raise ValueError("invalid trailer section")
+        return pieces, -1
 
 
 def interim_head(status: int, reason: bytes) -> bytes:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from hapymaster.config import Config, Frontend
 from hapymaster.worker.accesslog import AccessLog, open_sink
 from hapymaster.worker.balance import BackendState, Counters, build_backends
+from hapymaster.worker.h1 import request_skip
 
 log = logging.getLogger("hapymaster.worker")
 
@@ -148,6 +149,11 @@ class FrontendState:
         self.x_forwarded_for = config.x_forwarded_for
         self.x_forwarded_proto = config.x_forwarded_proto
         self.forwarded = config.forwarded
+        # Header names never copied as such: hop-by-hop, and the forwarding
+        # fields this frontend writes itself (h1.request_skip).
+        self.request_skip = request_skip(config.x_forwarded_for, config.x_forwarded_proto,
+                                         config.forwarded)
+        self.trusted_proxies = tuple(n.network for n in config.trusted_proxies)
         self.access_log = config.access_log
         self.max_body_size = config.max_body_size
         self.listeners: list[Listener] = []
@@ -271,7 +277,7 @@ class Worker:
         for item in (*self.config.frontends, *self.config.backends):
             t = item.timeout
             smallest = min(smallest, t.connect, t.client, t.server, t.queue, t.tunnel,
-                           t.http_request, t.http_keep_alive)
+                           t.head, t.http_keep_alive)
         return max(0.01, min(0.5, smallest / 4))
 
     # --- listeners ------------------------------------------------------------

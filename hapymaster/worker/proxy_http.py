@@ -1,6 +1,11 @@
 """The HTTP/1.1 reverse proxy: the client connection.
 
-A client connection (``HttpClient``) parses requests with httptools, picks a
+A client connection (``HttpClient``) frames requests itself: it finds where
+each head ends, checks the request line (``h1.request_line``), hands the
+head alone to httptools for its fields, and takes the body after it as
+counted bytes or through ``h1.ChunkedDecoder``. (httptools' llhttp refuses
+what RFC 9112 allows, extension methods and chunk extensions with
+whitespace, and gives no offsets to stop it at a head's end.) It picks a
 backend (routes, then ``default_backend``) and a server per request, borrows
 an idle keep-alive connection to that server from its pool (``pool``) or
 opens one (``server_conn.HttpServer``), sends the rewritten request head
@@ -23,13 +28,16 @@ the time of its last I/O, and the worker's sweeper (``process.Worker``) calls
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
 from hapymaster.worker.h1 import (BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, LAST_CHUNK, MAX_HEAD,
-                                  MAX_HEADERS, MAX_URL, chunk, content_length, final_head,
-                                  forwarding_headers, interim_head, request_head, switching_head)
+                                  MAX_HEADERS, MAX_URL, PARSER_METHODS, STAND_IN, ChunkedDecoder,
+                                  authority, chunk, content_length, final_head, forwarding_headers,
+                                  host_error, interim_head, partial_head_error, request_head,
+                                  request_line, switching_head)
 from hapymaster.worker.balance import NO_SERVER, ServerState
 from hapymaster.worker.errors import ERROR_RESPONSES
 from hapymaster.worker.exchange import WRITE_HIGH, Exchange, Pause, Phase
@@ -77,7 +85,9 @@ class HttpClient(asyncio.Protocol):
     # __dict__ take about a kilobyte off each (tracemalloc: 2.2 -> 1.2 KiB).
     __slots__ = ("w", "fe", "transport", "parser", "reqs", "req", "srv", "phase", "deadline",
                  "t_io", "paused", "write_paused", "closed", "tunnel", "peer", "client_key",
-                 "connect_task", "t_accept", "out", "forwarding", "raw_body", "bad_code")
+                 "connect_task", "t_accept", "out", "forwarding", "raw_body", "bad_code",
+                 "head_buf", "head_t0", "method", "chunks", "read_done", "trusted_ip",
+                 "good_host")
 
     def __init__(self, worker: "Worker", frontend: "FrontendState"):
         self.w = worker
@@ -108,6 +118,21 @@ class HttpClient(asyncio.Protocol):
         # An invalid request pipelined behind ones being served: its error
         # code, answered (and the connection closed) when they are done.
         self.bad_code = 0
+        # The start of a request head not whole yet, and when its first byte
+        # came: the proxy finds where each head ends itself, so that the body
+        # after it (chunked ones especially) is framed here, not by the parser.
+        self.head_buf = b""
+        self.head_t0 = 0.0
+        self.method = b""        # of the head being parsed, as the client wrote it
+        self.chunks: ChunkedDecoder | None = None   # self.req's chunked body, being decoded
+        # RFC 9112 9.6: a request that closes the connection (Connection:
+        # close, HTTP/1.0 without keep-alive) is the last one read; bytes
+        # after it are dropped, not answered 400 after it was forwarded.
+        self.read_done = False
+        self.trusted_ip: str | None = None   # the peer, when it is a trusted proxy
+        # The last Host value found valid: a connection's requests nearly
+        # always carry the same one, checked once.
+        self.good_host = b""
 
     # --- the phase ----------------------------------------------------------------
 
@@ -117,7 +142,7 @@ class HttpClient(asyncio.Protocol):
         if phase >= BODY:       # BODY, WAIT, TUNNEL, DRAIN: inactivity limits
             self.t_io = now
         elif phase == HEAD:
-            self.deadline = now + self.fe.timeout.http_request
+            self.deadline = now + self.fe.timeout.head
         elif phase == IDLE:
             self.deadline = now + self.fe.timeout.http_keep_alive
         elif phase == QUEUE:
@@ -150,7 +175,8 @@ class HttpClient(asyncio.Protocol):
         if phase == PARKED or now < self.deadline:
             return
         if phase == HEAD:
-            req = self.reqs[0] if self.reqs else Exchange(self.t_accept)
+            req = self.reqs[0] if self.reqs else \
+                Exchange(self.head_t0 if self.head_buf else self.t_accept)
             req.term = "cR"
             self._error(req, 408)
         elif phase == IDLE:
@@ -261,7 +287,7 @@ class HttpClient(asyncio.Protocol):
         request is treated the same way: the kernel handed it over just
         before the stop and its request may be on the way.
         """
-        if not self.reqs and (self.phase == IDLE or self.phase == HEAD):
+        if not self.reqs and not self.head_buf and (self.phase == IDLE or self.phase == HEAD):
             self._idle_until_grace_ends()
 
     def _idle_until_grace_ends(self) -> None:
@@ -328,67 +354,135 @@ class HttpClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.t_io = self.w.clock()
-        if self.raw_body:
-            self._pass_body(data)
-            return
         if self.tunnel:
             req = self.reqs[0]
             req.bytes_in += len(data)
             self.srv.transport.write(data)
             return
+        buf = self.head_buf
+        if buf:
+            data = buf + data       # a head begun in an earlier read, timed from there
+            self.head_buf = b""
+        else:
+            self.head_t0 = self.t_io
+        # Heads and bodies in turn; each step takes what it can and says
+        # where it stopped: offsets, not slices (a read may hold thousands of
+        # pipelined requests, and slicing off each would copy it over and
+        # over), and a loop, not a recursion.
+        pos = 0
+        size = len(data)
+        while pos < size:
+            if self.read_done:
+                return
+            if self.raw_body:
+                pos = self._pass_body(data, pos)
+            elif self.chunks is not None:
+                pos = self._pass_chunks(data, pos)
+            else:
+                pos = self._read_head(data, pos)
+
+    def _read_head(self, data: bytes, pos: int) -> int:
+        """Parse the request head that starts at ``pos``; return where it ends."""
+        size = len(data)
+        if data[pos] == 13:
+            while data.startswith(b"\r\n", pos):
+                pos += 2    # RFC 9112 2.2: empty lines before a request line
+            if pos == size:
+                return size
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            rest = data[pos:] if pos else data
+            error = partial_head_error(rest)
+            if error:
+                self._bad_request(error)
+                return size
+            self.head_buf = rest
+            if self.phase == IDLE:
+                # A head that comes whole in one read goes from IDLE straight
+                # to its server (one phase change less per request); this
+                # one is timed by timeout.http_request from its first read.
+                self.enter(HEAD, self.head_t0)
+            return size
+        end += 4
+        head = data if end == size and not pos else data[pos:end]
+        method = head[:head.find(b" ")]
+        if method not in PARSER_METHODS:
+            # The parser checks the rest of a line that starts with a method
+            # it knows; any other is checked here, and the parser gets a
+            # stand-in (h1.PARSER_METHODS).
+            method, error = request_line(head[:head.find(b"\r\n")])
+            if error:
+                self._bad_request(error)
+                return size
+            head = STAND_IN + head[len(method):]
+        self.method = method
         try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as exc:
-            self._upgrade_requested(data[exc.args[0]:])
+            self.parser.feed_data(head)
+        except HttpParserUpgrade:
+            self._upgrade_requested(data[end:])
+            return size
         except _ParseStop as exc:
             self._bad_request(exc.code)
+            return size
         except HttpParserError as exc:
             cause = exc.__context__
-            if isinstance(cause, _ParseStop):
-                self._bad_request(cause.code)
-            else:
-                self._bad_request(400)
-        else:
-            req = self.req
-            if req is None:
-                return
-            if not req.headers_done:
-                # A read that ends inside a request head. A head that comes
-                # whole in one read goes from IDLE straight to its server
-                # (one phase change less per request); this one is timed by
-                # timeout.http_request from the read it began in.
-                if self.phase == IDLE:
-                    self.enter(HEAD, req.t_start)
-            elif req.body_left > 0 and not req.upgrade:
-                # The rest of this body is only bytes to count: take them as
-                # they come, without copying them through the parser again.
-                self.raw_body = True
-
-    def _pass_body(self, data: bytes) -> None:
+            self._bad_request(cause.code if isinstance(cause, _ParseStop) else 400)
+            return size
         req = self.req
-        left = req.body_left
-        rest = b""
-        if len(data) > left:
-            data, rest = data[:left], data[left:]
+        if req is not None and req.headers_done:
+            # A body follows: framed here. The parser, left expecting it, is
+            # replaced once it has ended.
+            left = content_length(req.headers)
+            if left < 0:
+                req.body_left = -1
+                self.chunks = ChunkedDecoder()
+            else:
+                req.body_left = left
+                self.raw_body = True
+        self.head_t0 = self.t_io     # a next head in this read began in it
+        return end
+
+    def _pass_body(self, data: bytes, pos: int) -> int:
+        """Some of self.req's Content-Length body, from ``pos``; return where it stopped."""
+        req = self.req
+        size = len(data)
+        end = min(size, pos + req.body_left)
         try:
-            self.on_body(data)
+            self.on_body(data if end == size and not pos else data[pos:end])
         except _ParseStop as exc:
             self._bad_request(exc.code)
-            return
+            return size
         if req.body_left == 0:
             self.raw_body = False
-            # The old parser stopped in the middle of this body.
             self.parser = httptools.HttpRequestParser(self)
             self.on_message_complete()
-            if rest and not self.closed:
-                self.data_received(rest)   # a pipelined request
+        return end
+
+    def _pass_chunks(self, data: bytes, pos: int) -> int:
+        """Some of self.req's chunked body, from ``pos``; return where it stopped."""
+        size = len(data)
+        try:
+            pieces, end = self.chunks.feed(data, pos)
+            for piece in pieces:
+                self.on_body(piece)
+        except _ParseStop as exc:
+            self._bad_request(exc.code)
+            return size
+        except ValueError:
+            self._bad_request(400)
+            return size
+        if end < 0:
+            return size
+        self.chunks = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.on_message_complete()
+        return end
 
     # The parser callbacks run inside data_received, which has just read the
     # clock into t_io: they take the time from there instead of again.
 
     def on_message_begin(self) -> None:
-        now = self.t_io
-        req = Exchange(now)
+        req = Exchange(self.head_t0)
         reqs = self.reqs
         reqs.append(req)
         self.req = req
@@ -406,6 +500,9 @@ class HttpClient(asyncio.Protocol):
         if req.headers_done:
             return  # trailers of a chunked body: not forwarded
         req.headers.append((name, value))
+        if len(name) == 4 and name.lower() == b"host":     # counted for h1.host_error
+            req.hosts += 1
+            req.host = value
         req.head_size += len(name) + len(value) + 4
         if req.head_size > MAX_HEAD or len(req.headers) > MAX_HEADERS:
             raise _ParseStop(431)
@@ -415,17 +512,20 @@ class HttpClient(asyncio.Protocol):
         parser = self.parser
         req.headers_done = True
         req.t_head = self.t_io
-        req.method = parser.get_method()
-        req.version = parser.get_http_version()
-        if req.version not in ("1.1", "1.0"):
-            raise _ParseStop(400)
+        req.method = self.method
+        req.version = version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _ParseStop(400)   # HTTP/0.9 or 2.0 in a line the parser took
+        if req.hosts != 1 or req.host != self.good_host:
+            if host_error(req.hosts, req.host, version):
+                raise _ParseStop(400)
+            if req.hosts:
+                self.good_host = req.host
         # keep_alive and upgrade default to True and False on the class.
         if not parser.should_keep_alive():
             req.keep_alive = False
         if parser.should_upgrade():
             req.upgrade = True
-        if req.method == b"CONNECT":
-            raise _ParseStop(405)
         limit = self.fe.max_body_size
         if limit:
             for name, value in req.headers:
@@ -467,6 +567,8 @@ class HttpClient(asyncio.Protocol):
         req = self.req
         self.req = None
         req.complete = True
+        if not req.keep_alive:
+            self.read_done = True
         if self.phase == DRAIN:
             self._next_request()
         elif req.streaming:
@@ -498,6 +600,8 @@ class HttpClient(asyncio.Protocol):
                 reqs.pop()
             self.req = None
             self.raw_body = False
+            self.chunks = None
+            self.read_done = True
             self.bad_code = code
             self.pause_reading_for(R_BAD)
             return
@@ -604,8 +708,18 @@ class HttpClient(asyncio.Protocol):
             fe = self.fe
             forwarding = self.forwarding = forwarding_headers(
                 ip, fe.x_forwarded_for, fe.x_forwarded_proto, fe.forwarded)
-        head, req.host, chunked, has_body = request_head(req.method, req.url, req.headers,
-                                                            req.upgrade, forwarding)
+            if fe.trusted_proxies and trusted(ip, fe.trusted_proxies):
+                self.trusted_ip = ip
+        # The request goes on as HTTP/1.1, which needs a Host: an HTTP/1.0
+        # one without gets the server's address (as HAProxy's checks send),
+        # else nginx answers 400. An absolute-form target's authority
+        # replaces the client's Host (RFC 9112 3.2.2).
+        url = req.url
+        target_host = authority(url) if url[:1] != b"/" else b""
+        default_host = b"" if req.version == "1.1" else req.server.address.encode()
+        head, req.host, chunked, has_body = request_head(
+            req.method, url, req.headers, req.upgrade, forwarding, self.fe.request_skip,
+            self.trusted_ip, default_host, target_host)
         if chunked:
             req.chunked = True
         if has_body:
@@ -737,6 +851,10 @@ class HttpClient(asyncio.Protocol):
                 self.enter(HEAD, self.w.clock())
             if len(self.reqs) == 1:
                 self.resume_reading_for(R_PIPE)
+        elif self.head_buf:
+            # The start of the next head came while this one was served.
+            self.enter(HEAD, self.head_t0)
+            self.resume_reading_for(R_PIPE)
         elif self.bad_code:
             req = Exchange(self.w.clock())
             req.term = "PR"
@@ -858,6 +976,7 @@ class HttpClient(asyncio.Protocol):
             srv.detach()
             srv.close()
         req.status = code
+        self.read_done = True       # what follows in this read is not parsed either
         body = ERROR_RESPONSES[code]
         req.bytes_out += len(body)
         self._send(body)
@@ -897,6 +1016,17 @@ class HttpClient(asyncio.Protocol):
                 req.t_queue, req.t_connect, req.t_response, w.clock(), req.status,
                 req.bytes_out, req.term, w.cur_conns, fe.cur, 0, 0, req.retries, 0,
                 req.method, req.url, req.version)
+
+
+def trusted(ip: str, networks: tuple) -> bool:
+    """Whether the peer ``ip`` is in one of ``networks`` (``trusted_proxies``)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:      # no peer address (a unix socket): nothing to trust
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped     # a dual-stack listener's IPv4 peer
+    return any(address in net for net in networks)
 
 
 def http_client_factory(worker: "Worker", frontend: "FrontendState") -> "asyncio.BaseProtocol":

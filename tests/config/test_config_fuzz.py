@@ -40,12 +40,14 @@ KEYS = ["global", "defaults", "frontends", "backends", "name", "bind", "mode", "
         "check", "queue", "tunnel", "http_request", "http_keep_alive", "maxconn", "balance",
         "interval", "rise", "fall", "http", "expect", "servers", "address", "weight", "backup",
         "max_reloads", "workers", "ready_timeout", "hard_stop_after", "stats", "user", "group",
-        "master_socket", "access_log", "x_forwarded_for", "max_body_size", "bogus"]
+        "master_socket", "access_log", "x_forwarded_for", "trusted_proxies", "max_body_size",
+        "bogus"]
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
     st.sampled_from(["", "5s", "500ms", "-1s", "1e9h", "0", "http", "tcp", "roundrobin",
                      "127.0.0.1:8080", "[::1]:80", ":80", "host:99999", "GET /health",
-                     "200-399", "/api", "a" * 300, "\u00e9", "0.0.0.0:0", "*:80"]),
+                     "200-399", "/api", "10.0.0.0/8", "::1", "a" * 300, "\u00e9", "0.0.0.0:0",
+                     "*:80"]),
     st.text(max_size=20))
 
 
