@@ -79,6 +79,7 @@ class Exchange:
     head_size = 0
     host = b""
     hosts = 0                # Host fields received (RFC 9112 3.2: one, or none in HTTP/1.0)
+    te_chunked = None        # Transfer-Encoding seen: does its last coding so far say chunked?
     keep_alive = True        # the client's wish (HTTP/1.0 without keep-alive, Connection: close)
     upgrade = False          # Connection: upgrade asked
     leftover = b""           # bytes after an Upgrade head: the new protocol's, or the next request

@@ -37,7 +37,7 @@ from hapymaster.worker.h1 import (BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, LAST
                                   MAX_HEADERS, MAX_URL, PARSER_METHODS, STAND_IN, ChunkedDecoder,
                                   authority, chunk, content_length, final_head, forwarding_headers,
                                   host_error, interim_head, partial_head_error, request_head,
-                                  request_line, switching_head)
+                                  request_line, switching_head, transfer_codings)
 from hapymaster.worker.balance import NO_SERVER, ServerState
 from hapymaster.worker.errors import ERROR_RESPONSES
 from hapymaster.worker.exchange import WRITE_HIGH, Exchange, Pause, Phase
@@ -87,7 +87,7 @@ class HttpClient(asyncio.Protocol):
                  "t_io", "paused", "write_paused", "closed", "tunnel", "peer", "client_key",
                  "connect_task", "t_accept", "out", "forwarding", "raw_body", "bad_code",
                  "head_buf", "head_t0", "method", "chunks", "read_done", "trusted_ip",
-                 "good_host")
+                 "good_host", "parsed")
 
     def __init__(self, worker: "Worker", frontend: "FrontendState"):
         self.w = worker
@@ -118,6 +118,7 @@ class HttpClient(asyncio.Protocol):
         # An invalid request pipelined behind ones being served: its error
         # code, answered (and the connection closed) when they are done.
         self.bad_code = 0
+        self.parsed: Exchange | None = None   # head parsed in this feed, dispatched after it
         # The start of a request head not whole yet, and when its first byte
         # came: the proxy finds where each head ends itself, so that the body
         # after it (chunked ones especially) is framed here, not by the parser.
@@ -419,15 +420,25 @@ class HttpClient(asyncio.Protocol):
         try:
             self.parser.feed_data(head)
         except HttpParserUpgrade:
+            parsed = self.parsed
+            if parsed is not None:
+                self.parsed = None
+                self._dispatch_parsed(parsed)
             self._upgrade_requested(data[end:])
             return size
         except _ParseStop as exc:
+            self.parsed = None
             self._bad_request(exc.code)
             return size
         except HttpParserError as exc:
+            self.parsed = None
             cause = exc.__context__
             self._bad_request(cause.code if isinstance(cause, _ParseStop) else 400)
             return size
+        parsed = self.parsed
+        if parsed is not None:
+            self.parsed = None
+            self._dispatch_parsed(parsed)
         req = self.req
         if req is not None and req.headers_done:
             # A body follows: framed here. The parser, left expecting it, is
@@ -503,6 +514,11 @@ class HttpClient(asyncio.Protocol):
         if len(name) == 4 and name.lower() == b"host":     # counted for h1.host_error
             req.hosts += 1
             req.host = value
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            codings = transfer_codings(value)
+            if codings is None or (req.te_chunked and codings):
+                raise _ParseStop(400)   # not codings, or more after chunked (h1.transfer_codings)
+            req.te_chunked = codings[-1] == b"chunked"
         req.head_size += len(name) + len(value) + 4
         if req.head_size > MAX_HEAD or len(req.headers) > MAX_HEADERS:
             raise _ParseStop(431)
@@ -516,6 +532,8 @@ class HttpClient(asyncio.Protocol):
         req.version = version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _ParseStop(400)   # HTTP/0.9 or 2.0 in a line the parser took
+        if req.te_chunked is False:
+            raise _ParseStop(400)   # RFC 9112 6.3: a request's final coding must be chunked
         if req.hosts != 1 or req.host != self.good_host:
             if host_error(req.hosts, req.host, version):
                 raise _ParseStop(400)
@@ -531,6 +549,14 @@ class HttpClient(asyncio.Protocol):
             for name, value in req.headers:
                 if name.lower() == b"content-length" and int(value) > limit:
                     raise _ParseStop(413)
+        # Not dispatched from here: llhttp still checks the head after this
+        # callback returns (a Transfer-Encoding of "chunked<TAB>" fails then),
+        # and a head forwarded before that would be half a request on the
+        # server. _read_head dispatches once the parser has taken all of it.
+        self.parsed = req
+
+    def _dispatch_parsed(self, req: Exchange) -> None:
+        """``req``'s head is whole and valid: send it on if it is first in line."""
         if req is self.reqs[0]:
             self._dispatch(req, self.t_io)
 

@@ -67,28 +67,105 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ
     "HAPYMASTER_FUZZ_EXAMPLES"), suppress_health_check=[HealthCheck.too_slow])
 
 
-class StrictReader:
-    """Parses a byte stream with llhttp (strict): requests, or responses."""
+TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
-    def __init__(self, response: bool):
+
+class StrictResponses:
+    """The client's side: a byte stream that llhttp (strict) must read as responses."""
+
+    def __init__(self) -> None:
         self.messages = 0
         self.statuses: list[int] = []
-        self.parser = (httptools.HttpResponseParser if response else
-                       httptools.HttpRequestParser)(self)
-        self.response = response
-        self.upgraded = False
+        self.parser = httptools.HttpResponseParser(self)
 
     def on_message_complete(self) -> None:
         self.messages += 1
-        if self.response:
-            self.statuses.append(self.parser.get_status_code())
+        self.statuses.append(self.parser.get_status_code())
 
     def feed(self, data: bytes) -> None:
-        if data and not self.upgraded:
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                self.upgraded = True   # a tunnel: bytes after it are not HTTP
+        if data:
+            self.parser.feed_data(data)
+
+
+class _Head:
+    def __init__(self) -> None:
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+class StrictRequests:
+    """The server's side: complete, unambiguously framed requests, one after the other.
+
+    llhttp checks each head (with GET in place of the method: it knows only a
+    fixed list, and any RFC 9110 token is a method); the framing is checked
+    here: one Content-Length, or a Transfer-Encoding ending in chunked with a
+    well-formed chunked body, never both. Anything else raises.
+    """
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.buf = b""
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        while self.buf:
+            used = self._one(self.buf)
+            if used == 0:
+                return
+            self.buf = self.buf[used:]
+            self.messages += 1
+
+    def _one(self, buf: bytes) -> int:
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return 0
+        head = buf[:end + 4]
+        method, target, version = head[:head.index(b"\r\n")].split(b" ")
+        assert method and not method.translate(None, bytes(TOKEN)), head
+        assert target and version in (b"HTTP/1.0", b"HTTP/1.1"), head
+        fields = _Head()
+        parser = httptools.HttpRequestParser(fields)
+        try:
+            parser.feed_data(b"GET" + head[len(method):])
+        except httptools.HttpParserUpgrade:
+            pass
+        assert fields.complete, head
+        lengths = {v.strip() for n, v in fields.fields if n == b"content-length"}
+        codings = [c.strip().lower() for n, v in fields.fields if n == b"transfer-encoding"
+                   for c in v.split(b",")]
+        assert not (lengths and codings), head
+        pos = end + 4
+        if codings:
+            assert codings[-1] == b"chunked", head
+            while True:
+                line_end = buf.find(b"\r\n", pos)
+                if line_end < 0:
+                    return 0
+                size_text = buf[pos:line_end].split(b";")[0]
+                size = int(size_text, 16)   # raises on anything but hex digits
+                assert size_text == size_text.strip() and size >= 0, buf[pos:line_end]
+                pos = line_end + 2
+                if size == 0:
+                    if not buf.startswith(b"\r\n", pos):
+                        return 0 if len(buf) < pos + 2 else _fail(buf[pos:pos + 20])
+                    return pos + 2
+                if len(buf) < pos + size + 2:
+                    return 0
+                assert buf[pos + size:pos + size + 2] == b"\r\n", buf[pos:pos + size + 2]
+                pos += size + 2
+        assert len(lengths) <= 1 and all(v.isdigit() for v in lengths), head
+        length = int(next(iter(lengths))) if lengths else 0
+        return pos + length if len(buf) >= pos + length else 0
+
+
+def _fail(what: bytes) -> int:
+    raise AssertionError(f"malformed chunked body end: {what!r}")
 
 
 def run(data: bytes, cuts: list[int]) -> None:
@@ -100,8 +177,8 @@ def run(data: bytes, cuts: list[int]) -> None:
         conn.release(True)
         client = HttpClient(worker, worker.frontends[0])
         client_side = connect(client, FakeTransport())
-        to_server = StrictReader(response=False)
-        to_client = StrictReader(response=True)
+        to_server = StrictRequests()
+        to_client = StrictResponses()
         answered = 0
         pieces, start = [], 0
         for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:

@@ -285,3 +285,14 @@ def test_an_absolute_form_targets_authority_replaces_the_host():
     head, _, _, _ = h1.request_head(b"GET", b"http://e.org:81/p", headers, False, b"\r\n",
                                     SKIP, None, b"s:80", b"e.org:81")
     assert head.count(b"Host:") == 1 and b"Host: e.org:81\r\n" in head
+
+
+@pytest.mark.parametrize("value, bad", [
+    (b"chunked", False), (b"gzip, chunked", False), (b"gzip,chunked", False),
+    (b"gzip;q=1, chunked", False), (b'x;a="b c", chunked', False), (b" , chunked", False),
+    (b"ncoding: chunked", True), (b"chunked, gzip", True), (b"chunked, chunked", True),
+    (b"gz ip", True), (b"", True), (b"gzip;q", True),
+])
+def test_transfer_coding_syntax(value, bad):
+    """A Transfer-Encoding field llhttp would take as chunked only by its last word."""
+    assert h1.transfer_coding_error(value) is bad
