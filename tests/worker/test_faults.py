@@ -10,15 +10,13 @@ import os
 import re
 import resource
 import socket
-import threading
 import time
 
-import pytest
 
-from worker_harness import http_config, http_get, raw_exchange
+from worker_harness import RawServer, http_config, http_get, raw_exchange
 
 
-class ScriptedServer:
+class ScriptedServer(RawServer):
     """A raw TCP 'server' that reads a request head and answers ``reply`` verbatim.
 
     ``then_die``: after answering, close the connection and the listener too,
@@ -28,23 +26,10 @@ class ScriptedServer:
     def __init__(self, reply: bytes, then_die: bool = False):
         self.reply = reply
         self.then_die = then_die
-        self.connections = 0
         self.requests = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
+    def answer(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(10)
             data = b""
@@ -67,12 +52,6 @@ class ScriptedServer:
             except OSError:
                 return
 
-    def stop(self) -> None:
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
 
 
 def _fd_count(pid: int) -> int:

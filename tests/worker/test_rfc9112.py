@@ -4,33 +4,22 @@ recording origin that keeps the raw bytes it received."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
 
-from worker_harness import http_config, raw_exchange
+from worker_harness import RawServer, http_config, raw_exchange
 
 
-class RecordingOrigin:
+class RecordingOrigin(RawServer):
     """A raw HTTP/1.1 origin: records each request head and body as received, answers 200."""
 
     def __init__(self) -> None:
         self.heads: list[bytes] = []
         self.bodies: list[bytes] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
+    def answer(self, conn: socket.socket) -> None:
         conn.settimeout(10)
         reader = conn.makefile("rb")
         with conn, reader:
@@ -84,8 +73,6 @@ class RecordingOrigin:
                 values.append(line.split(b":", 1)[1].strip())
         return values
 
-    def stop(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture

@@ -462,3 +462,34 @@ def http_config(frontend_bind: str, servers: list[tuple[str, str]], extra_backen
     for name, address in servers:
         lines.append(f"      - {{name: {name}, address: \"{address}\"}}")
     return "\n".join(lines) + "\n"
+
+
+class RawServer:
+    """A raw TCP server on 127.0.0.1: each connection is handed to ``answer``
+    in a thread of its own; ``connections`` counts them (to see reuse)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
