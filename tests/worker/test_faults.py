@@ -12,7 +12,6 @@ import resource
 import socket
 import time
 
-
 from worker_harness import RawServer, http_config, http_get, raw_exchange
 
 
