@@ -34,9 +34,26 @@ FD_RESERVE = 64
 # The listening sockets' backlog (the master's listen()): the most one accept
 # batch can take in before a pause at maxconn applies.
 ACCEPT_BATCH_RESERVE = 1024
-# "The worker is full" is logged at most this often (a load at the limit
-# would otherwise log at every accept).
+# "The worker is full" and "out of descriptors" are logged at most this often
+# (a load at the limit would otherwise log at every accept or connect).
 FULL_LOG_INTERVAL = 60.0
+
+
+class Occasional:
+    """A condition logged at most once per ``interval``, counting the times in between."""
+
+    def __init__(self, interval: float = FULL_LOG_INTERVAL):
+        self.interval = interval
+        self.logged_at = -interval
+        self.since = 0          # occurrences not logged since the last message
+
+    def due(self, now: float) -> int | None:
+        """None: stay quiet; else log now, with this many unlogged occurrences before."""
+        if now - self.logged_at < self.interval:
+            self.since += 1
+            return None
+        self.logged_at, since, self.since = now, self.since, 0
+        return since
 
 
 def connection_budget(servers: int) -> int:
@@ -205,10 +222,8 @@ class Worker:
         self.frontends = [FrontendState(self, fe, fid)
                           for fid, fe in enumerate(config.frontends, start=1)]
         self.maxconn = self._effective_maxconn(config)
-        self._full_logged_at = -FULL_LOG_INTERVAL
-        self._full_suppressed = 0
-        self._fd_logged_at = -FULL_LOG_INTERVAL
-        self._fd_failures = 0
+        self._full = Occasional()
+        self._out_of_fds = Occasional()
         self.cur_conns = 0
         self.cum_conns = 0
         self.parked_any = False
@@ -247,29 +262,21 @@ class Worker:
         """
         if exc.errno not in (errno.EMFILE, errno.ENFILE):
             return
-        now = self.loop.time()
-        self._fd_failures += 1
-        if now - self._fd_logged_at < FULL_LOG_INTERVAL:
+        before = self._out_of_fds.due(self.loop.time())
+        if before is None:
             return
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         log.error("out of file descriptors (limit %d): cannot connect to servers, %d "
-                  "connect(s) failed; raise LimitNOFILE= or lower maxconn", soft,
-                  self._fd_failures)
-        self._fd_logged_at = now
-        self._fd_failures = 0
+                  "connect(s) failed; raise LimitNOFILE= or lower maxconn", soft, before + 1)
 
     def _note_full(self) -> None:
         """Log that the worker stopped accepting at its limit; once a minute at most."""
-        now = self.loop.time()
-        if now - self._full_logged_at < FULL_LOG_INTERVAL:
-            self._full_suppressed += 1
+        before = self._full.due(self.loop.time())
+        if before is None:
             return
-        more = (f" ({self._full_suppressed} more time(s) since the last message)"
-                if self._full_suppressed else "")
+        more = f" ({before} more time(s) since the last message)" if before else ""
         log.warning("worker reached maxconn %d: new clients wait in the backlog%s",
                     self.maxconn, more)
-        self._full_logged_at = now
-        self._full_suppressed = 0
 
     def _tick_interval(self) -> float:
         """A quarter of the smallest timeout, between 10 ms and 500 ms."""
