@@ -30,7 +30,7 @@ import socket
 import stat
 import struct
 import time
-from typing import Any
+from typing import Any, Callable
 
 from hapymaster.config import SYSLOG_FACILITIES, AccessLogTarget
 from hapymaster.sdnotify import JOURNAL_SOCKET, nonblocking_stderr, under_journald
@@ -74,18 +74,35 @@ def journal_field(name: bytes, value: bytes) -> bytes:
 
 
 class _Stamp:
-    """The stderr logs' ``2026-12-02 14:15:00``, cached per second."""
+    """A time stamp rendered by ``render`` from the local time, once per second."""
 
-    def __init__(self) -> None:
+    def __init__(self, render: Callable[[time.struct_time], Any]) -> None:
+        self.render = render
         self._second = -1
-        self._text = ""
+        self._text: Any = ""
 
-    def __call__(self, wall: float) -> str:
+    def __call__(self, wall: float) -> Any:
         second = int(wall)
         if second != self._second:
             self._second = second
-            self._text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._text = self.render(time.localtime(second))
         return self._text
+
+
+def _stderr_stamp(tm: time.struct_time) -> str:
+    """The stderr logs' ``2026-12-02 14:15:00``."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", tm)
+
+
+def _rfc5424_stamp(tm: time.struct_time) -> tuple[str, str]:
+    """``(2026-12-02T14:15:00, +01:00)``: the fraction goes between the two."""
+    offset = time.strftime("%z", tm)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", tm), f"{offset[:3]}:{offset[3:]}"
+
+
+def _rfc3164_stamp(tm: time.struct_time) -> str:
+    """RFC 3164: ``Dec  2 14:15:00``, the day padded with a space."""
+    return "%s %2d %s" % (_MONTHS[tm.tm_mon - 1], tm.tm_mday, time.strftime("%H:%M:%S", tm))
 
 
 # --- sinks ------------------------------------------------------------------------
@@ -118,7 +135,7 @@ class StreamSink(Sink):
         self.name = name
         self.check_path = check_path
         self._checked = 0
-        self.stamp = _Stamp()
+        self.stamp = _Stamp(_stderr_stamp)
         # A regular file takes any write whole; a pipe only up to PIPE_BUF.
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
@@ -267,26 +284,14 @@ class SyslogSink(DatagramSink):
                 host.strip("[]"), int(port), type=socket.SOCK_DGRAM)[0]
             self.sock = socket.socket(family, kind, proto)
         self.sock.setblocking(False)
-        self._second = -1
-        self._stamp = ""
+        self._stamp = _Stamp(_rfc5424_stamp if fmt == "rfc5424" else _rfc3164_stamp)
 
     def _header(self, wall: float) -> str:
-        second = int(wall)
-        if second != self._second:
-            self._second = second
-            tm = time.localtime(second)
-            if self.fmt == "rfc5424":
-                offset = time.strftime("%z", tm)
-                self._stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", tm), f"{offset[:3]}:{offset[3:]}")
-            else:
-                # RFC 3164: "Mmm dd hh:mm:ss", the day padded with a space.
-                self._stamp = "%s %2d %s" % (_MONTHS[tm.tm_mon - 1], tm.tm_mday,
-                                             time.strftime("%H:%M:%S", tm))
         if self.fmt == "rfc5424":
-            day, offset = self._stamp
+            day, offset = self._stamp(wall)
             return "%s1 %s.%06d%s %s hapymaster %d - - " % (
-                self.pri, day, (wall - second) * 1e6, offset, self.hostname, self.pid)
-        return "%s%s hapymaster[%d]: " % (self.pri, self._stamp, self.pid)
+                self.pri, day, (wall - int(wall)) * 1e6, offset, self.hostname, self.pid)
+        return "%s%s hapymaster[%d]: " % (self.pri, self._stamp(wall), self.pid)
 
     def render(self, records: list[tuple[Any, ...]], lines: list[str], wall: float
                ) -> list[bytes]:
