@@ -42,6 +42,7 @@ import sys
 import traceback
 from typing import Any
 
+from . import __version__
 from .pdeathsig import die_with_parent, die_with_reaper, set_process_name
 from .sdnotify import child_environment, setup_logging
 
@@ -82,11 +83,12 @@ def _package_dir() -> str:
     return os.path.dirname(os.path.abspath(__file__))
 
 
-def _installed_version() -> str:
+def installed_version() -> str:
+    """The version on disk now: after a package upgrade, new workers run it."""
     try:
         return importlib.metadata.version("hapymaster")
     except importlib.metadata.PackageNotFoundError:
-        return ""
+        return __version__
 
 
 def code_signature() -> tuple[str, ...]:
@@ -117,7 +119,7 @@ def code_signature() -> tuple[str, ...]:
         interpreter = f"{sys.executable}:{st.st_size}:{st.st_mtime_ns}"
     except OSError:
         interpreter = sys.executable
-    return (_installed_version(), interpreter, top, digest.hexdigest())
+    return (installed_version(), interpreter, top, digest.hexdigest())
 
 
 class ForkServer:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import importlib.metadata
 import json
 import logging
 import os
@@ -53,7 +52,7 @@ from typing import Any, Awaitable, Callable
 from . import __version__, messages
 from .config import Address, Config, ConfigError, parse_config, read_config
 from .counters import CounterBook, Part
-from .forkserver import ForkServer, ForkServerError
+from .forkserver import ForkServer, ForkServerError, installed_version
 from .pdeathsig import become_subreaper
 from .sdnotify import extend_timeout, monotonic_usec, notify, watchdog_interval
 from .sockets import FdStore, SocketError, bind_listener, take_passed_sockets
@@ -163,14 +162,6 @@ class Wake:
 
 
 Event = ChildExited | WorkerSaid | ReloadAsked | StopAsked | HardStopDue | Wake
-
-
-def installed_version() -> str:
-    """The version on disk now: after a package upgrade, new workers run it."""
-    try:
-        return importlib.metadata.version("hapymaster")
-    except importlib.metadata.PackageNotFoundError:
-        return __version__
 
 
 class WorkerChannel(messages.Channel):
