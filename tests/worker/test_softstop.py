@@ -12,7 +12,7 @@ import time
 import pytest
 
 from hapymaster.config import ConfigError, parse_config
-from worker_harness import http_config
+from worker_harness import RawServer, http_config
 from test_http import connect, read_response
 
 
@@ -90,28 +90,14 @@ def test_in_flight_request_finishes_with_close_while_idle_ones_wait(backend, bin
     idle_sock.close()
 
 
-class KeepAliveOrigin:
+class KeepAliveOrigin(RawServer):
     """An HTTP origin that keeps its connections and notes when one is closed by the proxy."""
 
     def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
         self.closed = threading.Event()
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
-
-    def _conn(self, conn: socket.socket) -> None:
+    def answer(self, conn: socket.socket) -> None:
         with conn:
             buffer = b""
             while True:
@@ -124,9 +110,6 @@ class KeepAliveOrigin:
                     _, buffer = buffer.split(b"\r\n\r\n", 1)
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
 
-    def stop(self) -> None:
-        self.listener.close()
-
 
 def test_idle_pooled_server_connections_closed_at_soft_stop(bind, run_worker):
     origin = KeepAliveOrigin()
@@ -137,7 +120,7 @@ def test_idle_pooled_server_connections_closed_at_soft_stop(bind, run_worker):
         # The client connection stays idle: the worker lives on through the
         # grace, so the server connection is closed by the stop, not by the exit.
         sock, sock_file = warm(front)
-        assert origin.accepted == 1 and not origin.closed.is_set()
+        assert origin.connections == 1 and not origin.closed.is_set()
         worker.proc.send_signal(signal.SIGUSR1)
         assert origin.closed.wait(8)
         assert worker.proc.poll() is None
