@@ -365,6 +365,13 @@ class Worker:
         if self.stopping and not self.sessions:
             self._finish_stop_when_idle()
 
+    def session_closed(self, session: Any) -> None:
+        """A session outside the frontends' accounting (a stats page client)
+        ended: a soft stop waiting for the last session may finish now."""
+        self.sessions.discard(session)
+        if self.stopping and not self.sessions:
+            self._finish_stop_when_idle()
+
     def _unpark(self) -> None:
         for fe in self.frontends:
             while fe.parked and not (fe.maxconn and fe.cur >= fe.maxconn) and \

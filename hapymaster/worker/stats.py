@@ -304,9 +304,7 @@ class StatsHttp(asyncio.Protocol):
         self.deadline = self.worker.now + 30.0
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.worker.sessions.discard(self)
-        if self.worker.stopping and not self.worker.sessions:
-            self.worker._finish_stop()
+        self.worker.session_closed(self)
 
     def expire(self, now: float) -> None:
         if now >= self.deadline and not self.busy:
