@@ -889,7 +889,7 @@ class Master:
         log.info("re-executing the master in place (%s): checking the code on disk", why)
         await self._settle_channels()
         reasons = await self._preflight(self.carry(hard))
-        if not reasons:
+        if not reasons and not self.stopping:
             reasons = await self._exec_in_place(hard)
         return self._reload_failed([f"re-exec failed: {reasons[0]}", *reasons[1:],
                                     f"the master keeps running {self.version}, the previous "
@@ -906,9 +906,15 @@ class Master:
             log.warning("re-exec: a master CLI command is still running; its client loses "
                         "its connection")
         await self._settle_channels()
+        if self.stopping:   # a stop came meanwhile: this image does it
+            await cli.resume()
+            return ["the master is stopping"]
         # Built after the last await, then straight to the execve: what the new
         # image gets is the process list of this very moment.
         carried = self.carry(hard)
+        log.info("re-exec: %d worker(s), %d waiting client(s), %d listener(s) carried: execve %s",
+                 len(carried.workers), len(carried.reloads_pending[0].client_fds),
+                 len(carried.listeners), " ".join(reexec.exec_command()))
         try:
             state_fd = reexec.write_state(carried)
             try:

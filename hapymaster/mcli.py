@@ -276,9 +276,9 @@ class CliServer:
     """The master CLI's listening socket, and the asyncio server accepting on it.
 
     The server accepts on a duplicate of the socket, never on the socket
-    itself: a re-exec in place stops accepting (closes the server), lets the
-    commands in progress answer, and hands the socket, still listening and
-    its backlog filling, to the new image. A client that connects meanwhile
+    itself: a re-exec in place stops accepting, lets the commands in progress
+    answer, and hands the socket, still listening and its backlog filling,
+    to the new image (the duplicate is close-on-exec). A client that connects meanwhile
     waits and is answered by the new image; none is refused.
     """
 
@@ -286,25 +286,31 @@ class CliServer:
         self.master = master
         self.listener = listener
         self.server: asyncio.AbstractServer | None = None
+        self.accepting: socket.socket | None = None   # the duplicate the server accepts on
         self.connections: set[CliProtocol] = set()
 
     def fileno(self) -> int:
         return self.listener.fileno()
 
     async def start(self) -> None:
+        self.accepting = self.listener.dup()
         self.server = await asyncio.get_running_loop().create_unix_server(
-            lambda: CliProtocol(self.master, self), sock=self.listener.dup())
+            lambda: CliProtocol(self.master, self), sock=self.accepting)
 
     async def quiesce(self, timeout: float) -> bool:
         """Stop accepting; True once no command is in progress but reloads waiting.
 
         A reload's client is carried across the re-exec, so it does not count.
         """
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        # A connection accepted just before the close gets its protocol one or
-        # two loop iterations later: let it appear before counting.
+        if self.accepting is not None:
+            # Not Server.close(): a connection accepted in this same loop
+            # iteration gets its transport a moment later, and finding the
+            # server closed it would be dropped unanswered (Python 3.11
+            # asserts in Server._attach and leaves the socket to the GC: the
+            # client saw its connection reset at the execve).
+            asyncio.get_running_loop().remove_reader(self.accepting.fileno())
+        # Those accepted just before get their protocol one or two loop
+        # iterations later: let them appear before counting.
         await asyncio.sleep(ACCEPT_SETTLE)
         deadline = time.monotonic() + timeout
         while any(not c.waits_for_reload for c in self.connections):
@@ -314,9 +320,10 @@ class CliServer:
         return True
 
     async def resume(self) -> None:
-        """Accept again (the re-exec did not happen)."""
-        if self.server is None:
-            await self.start()
+        """Accept again (the re-exec did not happen): a new server on a new duplicate."""
+        if self.server is not None:
+            self.server.close()
+        await self.start()
 
     def close(self) -> None:
         if self.server is not None:
