@@ -38,6 +38,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
@@ -129,9 +130,18 @@ class Carried:
             raise CarryError(f"unreadable state: {type(exc).__name__}: {exc}") from None
 
 
+def _anonymous_file() -> int:
+    try:
+        return os.memfd_create("hapymaster-reexec")
+    except OSError:
+        # A seccomp filter may refuse memfd_create: an unlinked temporary file serves as well.
+        with tempfile.TemporaryFile() as handle:
+            return os.dup(handle.fileno())
+
+
 def write_state(carried: Carried) -> int:
-    """The state in an anonymous file, inheritable: its fd goes in the environment."""
-    fd = os.memfd_create("hapymaster-reexec", 0)
+    """The state in an anonymous file, whose fd exec_master names in the environment."""
+    fd = _anonymous_file()
     try:
         data = carried.to_json().encode()
         view = memoryview(data)
