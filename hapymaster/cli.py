@@ -160,6 +160,8 @@ def start_demo_origins() -> subprocess.Popen[bytes]:
                                preexec_fn=functools.partial(die_with_parent, os.getpid()))
     assert process.stdout is not None
     process.stdout.readline()  # "demo origins ready": the first health check should pass
+    # The master reaps every child itself (SIGCHLD), this one too: Popen must never wait.
+    process.returncode = 0
     return process
 
 

@@ -941,10 +941,13 @@ class Master:
         A worker's boot message fully written, the last counters of a worker
         just reaped read. Bounded: a stuck channel does not hold the upgrade.
         """
+        def written(channel: WorkerChannel | None) -> bool:
+            if channel is None:
+                return False     # its boot message is not even sent yet
+            return channel.transport is None or not channel.transport.get_write_buffer_size()
+
         def settled() -> bool:
-            return all(w.control is not None and w.control.transport is not None
-                       and not w.control.transport.get_write_buffer_size()
-                       for w in self.processes) and \
+            return all(written(w.control) for w in self.processes) and \
                 all(w.control is None or w.control.gone.done() for w in self.exited)
         if not await self._until(settled, time.monotonic() + CHANNEL_LINGER):
             log.warning("re-exec: a worker channel is still busy, carrying it as it is")
