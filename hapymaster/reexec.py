@@ -108,7 +108,8 @@ class Carried:
 
     def fds(self) -> list[int]:
         """Every descriptor that must survive the execve."""
-        return [self.cli_fd, *self.listeners.values(), *(w.control_fd for w in self.workers),
+        return [self.cli_fd, *self.listeners.values(),
+                *(w.control_fd for w in self.workers if w.control_fd >= 0),   # -1: none
                 *(fd for reload in self.reloads_pending for fd in reload.client_fds)]
 
     def to_json(self) -> str:
