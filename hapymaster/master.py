@@ -31,6 +31,11 @@ workers abandoned, the added listeners closed, the reload counts given back,
 and READY=1 + ``STATUS=Reload failed`` sent, so RELOADING=1 is never left
 unanswered.
 
+A reload asked with ``--upgrade``, or one that finds another version
+installed, first re-executes the master in place (``reload_or_reexec``):
+the state above crosses the execve (``hapymaster.reexec``), and the new
+image, same pid, runs the reload and answers (``adopt``, ``resume``).
+
 The messages on the socketpair are in ``hapymaster.messages``; stats
 counters summed across workers and reloads in ``hapymaster.counters``.
 """
