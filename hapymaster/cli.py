@@ -18,12 +18,15 @@ TYPE_CHECKING = False  # not `from typing import`: typing alone costs ~3 ms here
 if TYPE_CHECKING:
     import subprocess
 
+    from . import reexec
     from .master import Master
 
 USAGE = """\
 hapymaster -f CONFIG [-S SOCKET] [-D]     run the master (foreground unless -D)
 hapymaster -c -f CONFIG                   check the config
-hapymaster reload [-S SOCKET] [--hard]    reload, wait until the new workers are READY or failed
+hapymaster reload [-S SOCKET] [--hard] [--upgrade]
+                                          reload, wait until the new workers are READY or failed
+                                          (--upgrade: re-execute the master in place first)
 hapymaster ctl [-S SOCKET] COMMAND...     send one master CLI command, print the answer
 hapymaster --version"""
 
@@ -62,15 +65,20 @@ def check_command(path: str) -> int:
 
 
 def run_master(args: argparse.Namespace) -> int:
-    import asyncio
-    import shutil
     import tempfile
 
-    from . import mcli
     from .config import (DEFAULT_CONFIG_PATH, DEFAULT_MASTER_SOCKET, EMBEDDED_CONFIG,
                          EMBEDDED_NAME, ConfigError)
     from .master import Master, load_function
+    from .reexec import CarryError, take_state
     from .sdnotify import setup_logging
+    try:
+        carried = take_state()
+    except CarryError as exc:
+        print(f"hapymaster: cannot take over after a re-exec: {exc}", file=sys.stderr)
+        return 1
+    if carried is not None:
+        return resume_master(args, carried)
     embedded = args.config is None and not os.path.exists(DEFAULT_CONFIG_PATH)
     config_path = None if embedded else (args.config or DEFAULT_CONFIG_PATH)
     load = load_function(config_path, EMBEDDED_CONFIG, EMBEDDED_NAME)
@@ -92,10 +100,40 @@ def run_master(args: argparse.Namespace) -> int:
               f"  stats: http://127.0.0.1:8404/  (CSV: /;csv, Prometheus: /metrics)\n"
               f"  CLI:   hapymaster ctl -S {socket_path} show proc", file=sys.stderr, flush=True)
     master = Master(config, text, config_path, socket_path, load)
-    if embedded:
-        demo = start_demo_origins()
-        master.on_stop.append(lambda: stop_child(demo))
+    demo = start_demo_origins().pid if embedded else None
+    return serve_master(master, demo, scratch)
+
+
+def resume_master(args: argparse.Namespace, carried: reexec.Carried) -> int:
+    """The master's new image after a re-exec in place: same pid, carried state."""
+    from .config import EMBEDDED_CONFIG, EMBEDDED_NAME, ConfigError, parse_config
+    from .master import Master, load_function
+    from .sdnotify import setup_logging
+    setup_logging("master", journal=True if args.daemon else None)
+    try:
+        # What the running workers run; checked by this code before the execve.
+        config = parse_config(carried.config_text, carried.config_source)
+    except ConfigError as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return 1
+    load = load_function(carried.config_path, EMBEDDED_CONFIG, EMBEDDED_NAME)
+    master = Master(config, carried.config_text, carried.config_path, carried.socket_path, load)
+    master.adopt(carried)
+    return serve_master(master, carried.demo_pid, carried.scratch)
+
+
+def serve_master(master: Master, demo_pid: int | None, scratch: str | None) -> int:
+    """Run the master until it stops; what it started for the embedded config goes with it."""
+    import asyncio
+    import shutil
+
+    from . import mcli
+    if demo_pid is not None:
+        master.carry_extra["demo_pid"] = demo_pid
+        master.on_stop.append(lambda: stop_child(demo_pid))
     if scratch:
+        master.carry_extra["scratch"] = scratch
         master.on_stop.append(lambda: shutil.rmtree(scratch, ignore_errors=True))
     try:
         return asyncio.run(_run(master, mcli.serve))
@@ -122,13 +160,15 @@ def start_demo_origins() -> subprocess.Popen[bytes]:
                                preexec_fn=functools.partial(die_with_parent, os.getpid()))
     assert process.stdout is not None
     process.stdout.readline()  # "demo origins ready": the first health check should pass
+    # The master reaps every child itself (SIGCHLD), this one too: Popen must never wait.
+    process.returncode = 0
     return process
 
 
-def stop_child(process: subprocess.Popen[bytes]) -> None:
+def stop_child(pid: int) -> None:
     import signal
     try:
-        process.send_signal(signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
 
@@ -193,8 +233,12 @@ def reload_command(argv: list[str]) -> int:
     parser = _client_parser("reload")
     parser.add_argument("--hard", action="store_true",
                         help="terminate the previous workers instead of letting them finish")
+    parser.add_argument("--upgrade", action="store_true",
+                        help="re-execute the master in place first (same pid, sockets and "
+                             "workers), so it runs the code installed now")
     args = parser.parse_args(argv)
-    answer = _send(_master_socket(args), "hard-reload" if args.hard else "reload")
+    command = "upgrade" if args.upgrade else "reload"
+    answer = _send(_master_socket(args), f"hard-{command}" if args.hard else command)
     if answer is None:
         return 1
     success = answer.startswith("Success=1")

@@ -31,6 +31,11 @@ workers abandoned, the added listeners closed, the reload counts given back,
 and READY=1 + ``STATUS=Reload failed`` sent, so RELOADING=1 is never left
 unanswered.
 
+A reload asked with ``--upgrade``, or one that finds another version
+installed, first re-executes the master in place (``reload_or_reexec``):
+the state above crosses the execve (``hapymaster.reexec``), and the new
+image, same pid, runs the reload and answers (``adopt``, ``resume``).
+
 The messages on the socketpair are in ``hapymaster.messages``; stats
 counters summed across workers and reloads in ``hapymaster.counters``.
 """
@@ -38,6 +43,7 @@ counters summed across workers and reloads in ``hapymaster.counters``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
 import functools
 import json
@@ -45,16 +51,19 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
-from . import __version__, messages
+from . import __version__, messages, reexec
 from .config import Address, Config, ConfigError, parse_config, read_config
 from .counters import CounterBook, Part
 from .forkserver import ForkServer, ForkServerError, installed_version
 from .pdeathsig import become_subreaper
-from .sdnotify import extend_timeout, monotonic_usec, notify, watchdog_interval
+from .sdnotify import (child_environment, extend_timeout, monotonic_usec, notify,
+                       watchdog_interval)
 from .sockets import FdStore, SocketError, bind_listener, take_passed_sockets
 
 log = logging.getLogger("hapymaster.master")
@@ -143,6 +152,11 @@ class WorkerSaid:
 class ReloadAsked:
     hard: bool
     future: "asyncio.Future[ReloadResult] | None"
+    # ``reload --upgrade``: re-execute the master first (see ``reexec_in_place``).
+    upgrade: bool = False
+    # The CLI client waiting for the answer: carried across a re-exec, so the
+    # answer comes from the new image.
+    client: Any = None    # the CLI connection (anything with fileno())
 
 
 @dataclass
@@ -164,6 +178,15 @@ class Wake:
 Event = ChildExited | WorkerSaid | ReloadAsked | StopAsked | HardStopDue | Wake
 
 
+class CliEndpoint(Protocol):
+    """What the master needs of its CLI server (``hapymaster.mcli.CliServer``)."""
+
+    def fileno(self) -> int: ...
+    async def quiesce(self, timeout: float) -> bool: ...
+    async def resume(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class WorkerChannel(messages.Channel):
     """The master's end of one worker's socketpair.
 
@@ -172,8 +195,8 @@ class WorkerChannel(messages.Channel):
     is that worker. The line goes to the supervisor as an event.
     """
 
-    def __init__(self, master: "Master", worker: Worker):
-        super().__init__()
+    def __init__(self, master: "Master", worker: Worker, leftover: bytes = b""):
+        super().__init__(leftover)
         self.master = master
         self.worker = worker
         # Done at EOF: everything the worker wrote, its last counters too, is read.
@@ -236,9 +259,21 @@ class Master:
         self._restart_at: dict[int, float] = {}        # slot -> when its replacement starts
         self._restart_backoff: dict[int, float] = {}   # slot -> next delay
         self._last_state: Any = None
-        self._cli_server: asyncio.AbstractServer | None = None
+        self._cli_server: CliEndpoint | None = None
         self.on_stop: list[Callable[[], None]] = []
         self.forkserver = ForkServer()  # the worker template every worker is forked from
+        # Re-exec in place: the version this image started with (a reload that
+        # finds another one installed re-executes), what the previous image
+        # handed over, and who waits for an answer.
+        self.image_version = installed_version()
+        self.carried: reexec.Carried | None = None
+        self.cli_fd: int | None = None       # the master CLI's carried listening socket
+        self._upgrade_asked = False
+        self._reload_clients: dict[asyncio.Future[ReloadResult], Any] = {}
+        self._awaited_children: dict[int, asyncio.Future[int]] = {}
+        # What cli.run_master needs back after a re-exec (the demo origins' pid,
+        # the embedded config's scratch directory): Carried's fields of those names.
+        self.carry_extra: dict[str, Any] = {}
 
     # --- the process list ---------------------------------------------------
 
@@ -459,7 +494,7 @@ class Master:
     async def supervise(self) -> int:
         """The one task that owns the process list: first start, then events and reloads."""
         try:
-            await self.first_start()
+            await (self.resume() if self.carried is not None else self.first_start())
         except (ReloadFailed, ForkServerError, OSError) as exc:
             log.error("first start failed: %s", exc)
             notify(f"STATUS=Start failed: {exc}")
@@ -474,7 +509,7 @@ class Master:
                 batch, self._reload_queue = self._reload_queue, []
                 hard = any(hard for hard, _ in batch)
                 try:
-                    result = await self.reload_once(hard)
+                    result = await self.reload_or_reexec(hard)
                 except Exception as exc:  # a bug must not leave callers hanging
                     log.exception("reload crashed")
                     result = ReloadResult(False, [f"internal error: {exc!r}"])
@@ -514,6 +549,7 @@ class Master:
                 if event.future is not None and not event.future.done():
                     event.future.set_result(ReloadResult(False, ["the master is stopping"]))
             else:
+                self._reload_asked(event)
                 self._reload_queue.append((event.hard, event.future))
         elif isinstance(event, StopAsked):
             self.stop(event.why)
@@ -604,6 +640,11 @@ class Master:
             self.post(ChildExited(pid, status))
 
     def child_exited(self, pid: int, status: int) -> None:
+        awaited = self._awaited_children.pop(pid, None)
+        if awaited is not None:
+            if not awaited.done():
+                awaited.set_result(status)
+            return
         worker = self.find_worker(pid)
         if worker is None:
             what = "the worker template" if pid == self.forkserver.pid else "child"
@@ -672,7 +713,8 @@ class Master:
 
     # --- reload -----------------------------------------------------------
 
-    def request_reload(self, hard: bool = False) -> asyncio.Future[ReloadResult]:
+    def request_reload(self, hard: bool = False, upgrade: bool = False,
+                       client: Any = None) -> asyncio.Future[ReloadResult]:
         """Ask for a reload; the answer comes when the new generation is READY or failed.
 
         Requests made while one runs are coalesced into the next one: a
@@ -680,7 +722,7 @@ class Master:
         the running reload read it, so it cannot share that reload's result.
         """
         future: asyncio.Future[ReloadResult] = asyncio.get_running_loop().create_future()
-        self.post(ReloadAsked(hard, future))
+        self.post(ReloadAsked(hard, future, upgrade, client))
         return future
 
     async def reload_once(self, hard: bool) -> ReloadResult:
@@ -815,6 +857,252 @@ class Master:
                 self.send_signal(worker, sig, "superseded by generation "
                                  f"{self.generation}" + (" (hard reload)" if hard else ""))
 
+    # --- re-exec in place (hapymaster.reexec) ---------------------------------
+
+    def _reload_asked(self, event: ReloadAsked) -> None:
+        """Note what a re-exec would have to carry for this request."""
+        if event.upgrade:
+            self._upgrade_asked = True
+        if event.client is not None and event.future is not None:
+            self._reload_clients[event.future] = event.client
+            event.future.add_done_callback(lambda done: self._reload_clients.pop(done, None))
+
+    def upgrade_reason(self) -> str | None:
+        """Why the next reload re-executes the master first; None when it does not."""
+        if self._upgrade_asked:
+            return "reload --upgrade"
+        installed = installed_version()
+        if installed != self.image_version:
+            return f"the installed version changed ({self.image_version} -> {installed})"
+        return None
+
+    async def reload_or_reexec(self, hard: bool) -> ReloadResult:
+        """A reload; re-executing the master first when asked or upgraded.
+
+        A re-exec that works never returns: the new image runs the reload and
+        answers. One that cannot work fails this reload, and nothing changed.
+        """
+        why = self.upgrade_reason()
+        self._upgrade_asked = False
+        if why is None:
+            return await self.reload_once(hard)
+        return await self.reexec_in_place(hard, why)
+
+    async def reexec_in_place(self, hard: bool, why: str) -> ReloadResult:
+        notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}",
+               f"STATUS=Re-executing the master ({why})")
+        log.info("re-executing the master in place (%s): checking the code on disk", why)
+        await self._settle_channels()
+        reasons = await self._preflight(self.carry(hard))
+        if not reasons and not self.stopping:
+            reasons = await self._exec_in_place(hard)
+        return self._reload_failed([f"re-exec failed: {reasons[0]}", *reasons[1:],
+                                    f"the master keeps running {self.version}, the previous "
+                                    f"workers keep serving"])
+
+    async def _exec_in_place(self, hard: bool) -> list[str]:
+        """Quiesce, carry, execve: returns only when the execve failed, with why."""
+        cli = self._cli_server
+        assert cli is not None
+        # The CLI stops accepting (clients wait in its backlog for the new
+        # image) and the commands in progress answer; reloads asked meanwhile
+        # are queued, and carried.
+        if not await self._handling_events(cli.quiesce(CHANNEL_LINGER), CHANNEL_LINGER + 1.0):
+            log.warning("re-exec: a master CLI command is still running; its client loses "
+                        "its connection")
+        await self._settle_channels()
+        if self.stopping:   # a stop came meanwhile: this image does it
+            await cli.resume()
+            return ["the master is stopping"]
+        # Built after the last await, then straight to the execve: what the new
+        # image gets is the process list of this very moment.
+        carried = self.carry(hard)
+        log.info("re-exec: %d worker(s), %d waiting client(s), %d listener(s) carried: execve %s",
+                 len(carried.workers), len(carried.reloads_pending[0].client_fds),
+                 len(carried.listeners), " ".join(reexec.exec_command()))
+        try:
+            state_fd = reexec.write_state(carried)
+            try:
+                reexec.exec_master(carried.fds(), state_fd)
+            finally:
+                os.close(state_fd)   # reached only when the execve failed
+        except OSError as exc:
+            reasons = [f"cannot re-execute the master: {exc}"]
+        await cli.resume()
+        return reasons
+
+    async def _handling_events(self, work: Awaitable[Any], timeout: float) -> Any:
+        """Await ``work`` while the supervisor goes on handling events; None if late."""
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda _: self.post(Wake("re-exec step")))
+        if not await self._until(task.done, time.monotonic() + timeout):
+            task.cancel()
+            return None
+        return task.result()
+
+    async def _settle_channels(self) -> None:
+        """Let every channel reach a boundary the new image can start from.
+
+        A worker's boot message fully written, the last counters of a worker
+        just reaped read. Bounded: a stuck channel does not hold the upgrade.
+        """
+        def written(channel: WorkerChannel | None) -> bool:
+            if channel is None:
+                return False     # its boot message is not even sent yet
+            return channel.transport is None or not channel.transport.get_write_buffer_size()
+
+        def settled() -> bool:
+            return all(written(w.control) for w in self.processes) and \
+                all(w.control is None or w.control.gone.done() for w in self.exited)
+        if not await self._until(settled, time.monotonic() + CHANNEL_LINGER):
+            log.warning("re-exec: a worker channel is still busy, carrying it as it is")
+
+    def carry(self, hard: bool) -> reexec.Carried:
+        """This master's state for its next image (hapymaster.reexec.Carried)."""
+        workers = []
+        for worker in self.processes:
+            channel = worker.control
+            sock = channel.transport.get_extra_info("socket") \
+                if channel is not None and channel.transport is not None else None
+            workers.append(reexec.CarriedWorker(
+                pid=worker.pid, generation=worker.generation, index=worker.index,
+                version=worker.version, started_at=worker.started_at,
+                state=worker.state.value, reloads=worker.reloads,
+                signals_sent=[sig.name for sig in worker.signals_sent],
+                control_fd=sock.fileno() if sock is not None else -1,
+                ready_deadline=worker.ready_deadline,
+                unread=base64.b64encode(channel.unread()).decode() if channel else ""))
+        # The reload asked now and every one asked since (the new image reads
+        # the config after all of them came): one reload, every client answered.
+        hard = hard or any(queued_hard for queued_hard, _ in self._reload_queue)
+        clients = [fd for fd in (c.fileno() for c in self._reload_clients.values()) if fd >= 0]
+        assert self._cli_server is not None
+        return reexec.Carried(
+            version=self.version, started_at=self.started_at, generation=self.generation,
+            last_generation=self.last_generation, reloads=self.reloads,
+            failed_reloads=self.failed_reloads, config_path=self.config_path,
+            config_text=self.config_text, config_source=self.config.source,
+            socket_path=self.socket_path, cli_fd=self._cli_server.fileno(),
+            listeners={str(a): s.fileno() for a, s in self.listeners.items()},
+            fdstore_names={str(a): n for a, n in self.fdstore.names.items()},
+            workers=workers, counters_retired=self.counters.retired,
+            counters_last={str(pid): part for pid, part in self.counters.last.items()},
+            runtime_state=self._last_state,
+            restart_at={str(k): v for k, v in self._restart_at.items()},
+            restart_backoff={str(k): v for k, v in self._restart_backoff.items()},
+            reloads_pending=[reexec.CarriedReload(hard, clients)],
+            **self.carry_extra)
+
+    async def _preflight(self, carried: reexec.Carried) -> list[str]:
+        """Run the new code's check (``python -m hapymaster.reexec check``); its errors."""
+        timeout = self.config.global_.ready_timeout
+        with tempfile.TemporaryFile() as state, tempfile.TemporaryFile() as output:
+            state.write(carried.to_json().encode())
+            state.seek(0)
+            try:
+                process = subprocess.Popen(reexec.preflight_command(self.config_path),
+                                           stdin=state, stdout=output, stderr=subprocess.STDOUT,
+                                           env=child_environment())
+            except OSError as exc:
+                return [f"cannot run the new code's check: {exc}"]
+            # Reaped by reap_children like every child; its status comes back here.
+            process.returncode = 0
+            exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._awaited_children[process.pid] = exited
+            if not await self._until(exited.done, time.monotonic() + timeout):
+                os.kill(process.pid, signal.SIGKILL)   # not reaped yet: it never exited
+                return [f"the new code's check did not finish within {timeout:g}s"]
+            output.seek(0)
+            lines = [line for line in output.read().decode("utf-8", "replace").splitlines()
+                     if line.strip()]
+        status = exited.result()
+        if status == 0:
+            return []
+        return lines[-20:] or [f"the new code's check failed ({describe_status(status)})"]
+
+    def adopt(self, carried: reexec.Carried) -> None:
+        """In the new image: start from what the previous one handed over.
+
+        ``self.config`` is the config the running workers were started with
+        (parsed from the carried text); the reload that follows reads the disk.
+        """
+        self.carried = carried
+        self.started_at = carried.started_at
+        self.generation, self.last_generation = carried.generation, carried.last_generation
+        self.reloads, self.failed_reloads = carried.reloads, carried.failed_reloads
+        self.cli_fd = carried.cli_fd
+        self._passed_taken = True     # systemd's sockets were taken by the first image
+        self._starting = False
+        # The carried config is the one the listeners were bound for: each has its bind.
+        by_text = {str(a): a for a in self.wanted_addresses(self.config)}
+        for text, fd in carried.listeners.items():
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            if text in by_text:
+                self.listeners[by_text[text]] = sock
+            else:
+                log.error("re-exec: the carried socket of %s matches no bind; closing it", text)
+                sock.close()
+        self.fdstore.names = {by_text[text]: name for text, name
+                              in carried.fdstore_names.items() if text in by_text}
+        for item in carried.workers:
+            self.processes.append(Worker(
+                pid=item.pid, generation=item.generation, index=item.index,
+                version=item.version, started_at=item.started_at,
+                state=WorkerState(item.state), reloads=item.reloads,
+                ready_deadline=item.ready_deadline,
+                signals_sent=[signal.Signals[name] for name in item.signals_sent]))
+        live = {w.pid for w in carried.workers}
+        self.counters.retired = carried.counters_retired
+        self.counters.last = {int(pid): part for pid, part in carried.counters_last.items()}
+        for pid in [p for p in self.counters.last if p not in live]:
+            self.counters.retire(pid)   # reaped before the exec, its channel not read to the end
+        self._last_state = carried.runtime_state
+        self._restart_at = {int(k): v for k, v in carried.restart_at.items()}
+        self._restart_backoff = {int(k): v for k, v in carried.restart_backoff.items()}
+
+    async def resume(self) -> None:
+        """The new image's start: reconnect the workers, queue the carried reloads."""
+        carried = self.carried
+        assert carried is not None
+        loop = asyncio.get_running_loop()
+        for worker, item in zip(list(self.processes), carried.workers):
+            if item.control_fd < 0:
+                continue
+            sock = socket.socket(fileno=item.control_fd)
+            _, channel = await loop.create_unix_connection(
+                functools.partial(WorkerChannel, self, worker, item.unread_bytes()), sock=sock)
+            worker.control = channel
+        for reload in carried.reloads_pending:
+            future: asyncio.Future[ReloadResult] = loop.create_future()
+            clients = [socket.socket(fileno=fd) for fd in reload.client_fds]
+            future.add_done_callback(functools.partial(self._answer_carried, clients))
+            self._reload_queue.append((reload.hard, future))
+        now = time.monotonic()
+        for due in [*self._restart_at.values(),
+                    *(w.ready_deadline for w in self.processes if w.ready_deadline)]:
+            loop.call_later(max(0.0, due - now) + 0.005, self.post, Wake("carried timer"))
+        log.info("re-executed in place: hapymaster %s took over from %s (pid %d, %d "
+                 "process(es), generation %d)", self.version, carried.version, os.getpid(),
+                 len(self.processes), self.generation)
+
+    def _answer_carried(self, clients: list[socket.socket],
+                        future: "asyncio.Future[ReloadResult]") -> None:
+        """A reload asked of the previous image is answered by this one."""
+        answer = future.result().render().encode() if not future.cancelled() else b""
+
+        async def send(sock: socket.socket) -> None:
+            try:
+                sock.setblocking(False)
+                await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, answer),
+                                       WORKER_COMMAND_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("could not answer a reload client: %s", exc)
+            finally:
+                sock.close()
+        for sock in clients:
+            asyncio.ensure_future(send(sock))
+
     # --- worker commands ------------------------------------------------------
 
     async def counter_totals(self) -> Part:
@@ -877,7 +1165,7 @@ class Master:
 
     # --- main loop ------------------------------------------------------------
 
-    async def run(self, serve_cli: Callable[["Master"], Awaitable[asyncio.AbstractServer]]) -> int:
+    async def run(self, serve_cli: Callable[["Master"], Awaitable[CliEndpoint]]) -> int:
         loop = asyncio.get_running_loop()
         become_subreaper()  # workers forked by the template are our children
         loop.add_signal_handler(signal.SIGCHLD, self.reap_children)
@@ -886,10 +1174,15 @@ class Master:
         loop.add_signal_handler(signal.SIGUSR1, self.post, StopAsked("SIGUSR1: soft stop"))
         loop.add_signal_handler(signal.SIGTERM, self.post, StopAsked("SIGTERM"))
         loop.add_signal_handler(signal.SIGINT, self.post, StopAsked("SIGINT"))
+        # After a re-exec: what came while no handler was there is delivered
+        # now, and a child that exited meanwhile is reaped.
+        reexec.unblock_signals()
+        self.reap_children()
         self._cli_server = await serve_cli(self)
-        # A ready_timeout longer than TimeoutStartSec= must not get a healthy,
-        # slow first start killed.
-        extend_timeout(self.config.global_.ready_timeout + EXTEND_TIMEOUT_MARGIN)
+        if self.carried is None:
+            # A ready_timeout longer than TimeoutStartSec= must not get a
+            # healthy, slow first start killed.
+            extend_timeout(self.config.global_.ready_timeout + EXTEND_TIMEOUT_MARGIN)
         watchdog = watchdog_interval()
         if watchdog:
             loop.create_task(self._watchdog(watchdog))

@@ -25,6 +25,9 @@ MAX_COMMAND = 64 * 1024
 # otherwise idle connections would pile up on a socket that can reload the service.
 # It bounds only the wait for the command, not a blocking reload's answer.
 IDLE_TIMEOUT = 10.0
+# After the CLI stops accepting for a re-exec: a connection accepted just
+# before gets its protocol within a loop iteration or two.
+ACCEPT_SETTLE = 0.02
 
 HELP = """\
 The following commands are valid at this level:
@@ -33,6 +36,8 @@ The following commands are valid at this level:
   show version            : the master's version
   reload                  : reload the config; answers Success=1/0 when the new workers are READY or failed
   hard-reload             : reload, then terminate the previous workers instead of letting them finish
+  upgrade                 : re-execute the master in place (same pid, sockets and workers), then reload
+  hard-upgrade            : upgrade, then terminate the previous workers
   @<n> <command>          : send a command to worker n of the current generation (e.g. @1 show info)
   @!<pid> <command>       : send a command to the worker with that pid
   @* <command>            : send a command to every current worker
@@ -98,8 +103,12 @@ async def _ask(worker: Worker, command: str) -> str:
     return answer if answer.endswith("\n") or not answer else answer + "\n"
 
 
-async def execute(master: Master, line: str) -> str:
-    """Run one master CLI command from the public socket and return the answer."""
+async def execute(master: Master, line: str, client: "CliProtocol | None" = None) -> str:
+    """Run one master CLI command from the public socket and return the answer.
+
+    ``client`` is the connection it came on: a reload that re-executes the
+    master carries it, and the new image answers on it.
+    """
     words = line.split()
     if not words:
         return ""
@@ -118,8 +127,11 @@ async def execute(master: Master, line: str) -> str:
         return show_proc(master)
     if words == ["show", "version"]:
         return master.version + "\n"
-    if words in (["reload"], ["hard-reload"]):
-        result = await master.request_reload(hard=head == "hard-reload")
+    if words in (["reload"], ["hard-reload"], ["upgrade"], ["hard-upgrade"]):
+        if client is not None:
+            client.waits_for_reload = True
+        result = await master.request_reload(hard=head.startswith("hard-"),
+                                             upgrade=head.endswith("upgrade"), client=client)
         return result.render()
     return f"Unknown command: {line.strip()[:200]!r}. Try 'help'.\n"
 
@@ -162,15 +174,20 @@ def peer_allowed(sock: socket.socket, path: str) -> tuple[bool, str]:
 
 
 class CliProtocol(asyncio.Protocol):
-    def __init__(self, master: Master):
+    def __init__(self, master: Master, server: "CliServer | None" = None):
         self.master = master
+        self.server = server
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.started = False
         self.idle: asyncio.TimerHandle | None = None
+        # Its command is a reload: a re-exec carries this connection, the new image answers.
+        self.waits_for_reload = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.server is not None:
+            self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
         allowed, who = peer_allowed(sock, self.master.socket_path) if sock is not None \
             else (False, "unknown peer")
@@ -190,6 +207,8 @@ class CliProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.idle is not None:
             self.idle.cancel()
+        if self.server is not None:
+            self.server.connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
         if self.started:
@@ -214,11 +233,16 @@ class CliProtocol(asyncio.Protocol):
 
     async def _run(self, line: str) -> None:
         try:
-            answer = await execute(self.master, line)
+            answer = await execute(self.master, line, self)
         except Exception as exc:
             log.exception("master CLI command %r failed", line)
             answer = f"Internal error: {exc!r}\n"
         self._reply(answer)
+
+    def fileno(self) -> int:
+        """The connection's descriptor: what a re-exec carries to the new image."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        return sock.fileno() if sock is not None else -1
 
     def _reply(self, answer: str) -> None:
         self.started = True
@@ -248,17 +272,89 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"another master is already listening on {path}")
 
 
-async def serve(master: Master) -> asyncio.AbstractServer:
+class CliServer:
+    """The master CLI's listening socket, and the asyncio server accepting on it.
+
+    The server accepts on a duplicate of the socket, never on the socket
+    itself: a re-exec in place stops accepting, lets the commands in progress
+    answer, and hands the socket, still listening and its backlog filling,
+    to the new image (the duplicate is close-on-exec). A client that connects meanwhile
+    waits and is answered by the new image; none is refused.
+    """
+
+    def __init__(self, master: Master, listener: socket.socket):
+        self.master = master
+        self.listener = listener
+        self.server: asyncio.AbstractServer | None = None
+        self.accepting: socket.socket | None = None   # the duplicate the server accepts on
+        self.connections: set[CliProtocol] = set()
+
+    def fileno(self) -> int:
+        return self.listener.fileno()
+
+    async def start(self) -> None:
+        self.accepting = self.listener.dup()
+        self.server = await asyncio.get_running_loop().create_unix_server(
+            lambda: CliProtocol(self.master, self), sock=self.accepting)
+
+    async def quiesce(self, timeout: float) -> bool:
+        """Stop accepting; True once no command is in progress but reloads waiting.
+
+        A reload's client is carried across the re-exec, so it does not count.
+        """
+        if self.accepting is not None:
+            # Not Server.close(): a connection accepted in this same loop
+            # iteration gets its transport a moment later, and finding the
+            # server closed it would be dropped unanswered (Python 3.11
+            # asserts in Server._attach and leaves the socket to the GC: the
+            # client saw its connection reset at the execve).
+            asyncio.get_running_loop().remove_reader(self.accepting.fileno())
+        # Those accepted just before get their protocol one or two loop
+        # iterations later: let them appear before counting.
+        await asyncio.sleep(ACCEPT_SETTLE)
+        deadline = time.monotonic() + timeout
+        while any(not c.waits_for_reload for c in self.connections):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    async def resume(self) -> None:
+        """Accept again (the re-exec did not happen): a new server on a new duplicate."""
+        if self.server is not None:
+            self.server.close()
+        await self.start()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        self.listener.close()
+
+
+async def serve(master: Master) -> CliServer:
     path = master.socket_path
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    _remove_stale_socket(path)
-    old_umask = os.umask(0o177)  # 0600: the master CLI can reload and reconfigure
-    try:
-        server = await asyncio.get_running_loop().create_unix_server(
-            lambda: CliProtocol(master), path)
-    finally:
-        os.umask(old_umask)
-    log.info("master CLI on %s", path)
+    if master.cli_fd is not None:
+        # After a re-exec: the same listening socket, never unlinked or bound again.
+        listener = socket.socket(fileno=master.cli_fd)
+        log.info("master CLI on %s (kept across the re-exec)", path)
+    else:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        _remove_stale_socket(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # 0600: the master CLI can reload and reconfigure
+        try:
+            listener.bind(path)
+        except OSError:
+            listener.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        listener.listen(100)
+        log.info("master CLI on %s", path)
+    listener.setblocking(False)
+    server = CliServer(master, listener)
+    await server.start()
     master.on_stop.append(lambda: _unlink_quietly(path))
     return server
 

@@ -148,6 +148,10 @@ class Channel(asyncio.Protocol):
 
     # --- sending ----------------------------------------------------------------
 
+    def unread(self) -> bytes:
+        """What was received and is not a whole line yet (the master's re-exec carries it)."""
+        return bytes(self._buffer)
+
     @property
     def is_open(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()

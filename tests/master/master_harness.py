@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -403,6 +404,15 @@ def worker_fault(tmp_path: Path, name: str, content: str = "") -> Path:
     path = hooks / name
     path.write_text(content)
     return path
+
+
+def copy_of_package(tmp_path: Path) -> Path:
+    """hapymaster copied under tmp_path, for a master started with it on PYTHONPATH:
+    the test can then change the code on disk as a package upgrade would."""
+    top = tmp_path / "site"
+    shutil.copytree(ROOT / "hapymaster", top / "hapymaster",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return top
 
 
 # --- configs -----------------------------------------------------------------

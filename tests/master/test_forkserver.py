@@ -4,12 +4,10 @@ real template, real forked workers, real signals, real code on disk."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-from pathlib import Path
 
-from master_harness import (HOOKS, ROOT, free_port, http_config, http_get, pid_alive, wait_for,
-                            worker_fault)
+from master_harness import (HOOKS, copy_of_package, free_port, http_config, http_get, pid_alive,
+                            wait_for, worker_fault)
 
 TEMPLATE_COMM = "hapymaster-tmpl"
 
@@ -51,15 +49,6 @@ def template_of(master) -> int:  # type: ignore[no-untyped-def]
     templates = wait_for(find, what="the worker template")
     assert len(templates) == 1, templates  # type: ignore[arg-type]
     return templates[0]  # type: ignore[index]
-
-
-def copy_of_package(tmp_path: Path) -> Path:
-    """hapymaster copied under tmp_path, for a master started with it on PYTHONPATH:
-    the test can then change the code on disk as a package upgrade would."""
-    top = tmp_path / "site"
-    shutil.copytree(ROOT / "hapymaster", top / "hapymaster",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    return top
 
 
 def test_workers_are_forked_from_the_template_and_the_master_is_their_parent(

@@ -463,13 +463,23 @@ def test_upgrade_reloads_into_new_code_and_keeps_the_conffile(container: Contain
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
     assert "local change kept on upgrade" in c.run(["cat", CONFIG]).stdout
     assert c.run(["systemctl", "is-active", UNIT], check=False).stdout.strip() == "active"
-    # Reloaded, not restarted: same master, which still runs the old code,
-    # and a new generation of workers running the new code.
+    # Reloaded, not restarted: the reload found another version installed and
+    # re-executed the master in place (same MainPID, same sockets: nothing
+    # refused below), which runs the new code, as its new workers do.
     assert main_pid(c) == pid
     procs, text = show_proc(c)
+    [master] = [p for p in procs if p.type == "master"]
+    assert master.pid == pid and master.version == UPGRADE_VERSION, text
     workers = [p for p in procs if p.type == "worker" and p.section == "workers"]
     assert workers and not {p.pid for p in workers} & before, text
     assert all(p.version == UPGRADE_VERSION for p in workers), text
+    props = c.show(UNIT, "ActiveState", "MainPID")
+    assert props == {"ActiveState": "active", "MainPID": str(pid)}, props
+    # Asked for, without a new version: the same re-exec, through the master CLI.
+    reexec = c.run(["hapymaster", "reload", "--upgrade", "-S", SOCKET], check=False)
+    assert reexec.returncode == 0 and reexec.stdout.startswith("Success=1"), \
+        reexec.stdout + reexec.stderr
+    assert main_pid(c) == pid
     journal = c.run(["journalctl", "-u", UNIT, "--no-pager", "-n", "60"], check=False).stdout
     check_no_refused(result, journal)
 

@@ -13,7 +13,9 @@ the worker, so its intermediate process is left alone):
 - ``slow-start``: the next worker to start takes the file (it is renamed, so
   only one does), sleeps as many seconds as it says, then starts as usual;
 - ``template-exit-at-start``: the worker template exits with status 3 at once;
-- ``template-hang-at-start``: the worker template hangs before it is ready.
+- ``template-hang-at-start``: the worker template hangs before it is ready;
+- ``reexec-slow-start``: the master's new image, right after a re-exec, sleeps
+  as many seconds as the file says before anything else runs.
 """
 
 import os
@@ -40,6 +42,12 @@ def _worker_faults() -> None:
 
 
 if _hooks:
+    if os.environ.get("HAPYMASTER_REEXEC_FD"):
+        try:
+            with open(os.path.join(_hooks, "reexec-slow-start")) as slow:
+                time.sleep(float(slow.read()))
+        except OSError:
+            pass
     if os.environ.get("HAPYMASTER_FORKSERVER_FD"):
         if os.path.exists(os.path.join(_hooks, "template-exit-at-start")):
             os._exit(3)
