@@ -218,7 +218,9 @@ def idle_conn_memory(port: int, pid: int, n: int, children_of: int | None = None
                 if not chunk:
                     break
                 body += chunk
-        time.sleep(0.5)            # the proxy's last allocations for them
+        # Idle, as they stay: hapymaster gives an idle connection's request
+        # parser back after 1 s (PARSER_IDLE), at the next sweeper tick.
+        time.sleep(2.0)
         return before, proc_rss_kib(pid)
     finally:
         for s in socks:
