@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 # full buffer the same way). Small exchanges stay on the transports, which
 # cost no pipes and no extra descriptors.
 SPLICE_AFTER = 65536
+# The descriptors of a spliced session beyond its two (a pipe per direction,
+# a duplicate of each socket), counted in connections of two descriptors.
+SPLICE_COST = 3
 # Module globals for the phases this relay goes through (see exchange.Phase).
 PARKED, QUEUE, CONNECT, TUNNEL = (int(p) for p in (Phase.PARKED, Phase.QUEUE, Phase.CONNECT,
                                                   Phase.TUNNEL))
@@ -178,6 +181,12 @@ class TcpClient(asyncio.Protocol):
                 or srv.transport.is_closing() or self.transport.get_write_buffer_size()
                 or srv.transport.get_write_buffer_size()):
             return                   # not now: the next large read tries again
+        w = self.w
+        if w.maxconn and w.cur_conns + SPLICE_COST * (w.spliced + 1) > w.maxconn:
+            # maxconn follows the descriptor limit at 2 per connection: the
+            # pipes must not take the descriptors that connections at maxconn
+            # need (libuv answers EMFILE on accept by dropping the backlog).
+            return
         self.can_splice = False
         self.transport.pause_reading()
         srv.transport.pause_reading()
@@ -190,6 +199,7 @@ class TcpClient(asyncio.Protocol):
             self.transport.resume_reading()
             srv.transport.resume_reading()
             return
+        w.spliced += 1
         self.splice.start()
 
     def spliced(self, n: int, outbound: bool) -> None:
@@ -208,10 +218,14 @@ class TcpClient(asyncio.Protocol):
         """A reset or a broken pipe on either socket: the session is over, both sides cut."""
         self._end_splice(abort=True)
 
-    def _end_splice(self, abort: bool) -> None:
+    def _close_splice(self) -> None:
         relay, self.splice = self.splice, None
         if relay is not None:
             relay.close()
+            self.w.spliced -= 1
+
+    def _end_splice(self, abort: bool) -> None:
+        self._close_splice()
         srv = self.srv
         for transport in ((srv.transport if srv is not None else None), self.transport):
             if transport is None or transport.is_closing():
@@ -269,9 +283,7 @@ class TcpClient(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        relay, self.splice = self.splice, None
-        if relay is not None:
-            relay.close()            # its duplicates would keep the sockets open
+        self._close_splice()         # its duplicates would keep the sockets open
         if self.phase == QUEUE:
             self.backend.dequeue(self)
         if self.connect_task is not None:
@@ -288,9 +300,7 @@ class TcpClient(asyncio.Protocol):
 
     def server_lost(self) -> None:
         self.srv = None
-        relay, self.splice = self.splice, None
-        if relay is not None:
-            relay.close()
+        self._close_splice()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

@@ -217,3 +217,20 @@ def test_spliced_session_idle_timeout(bind, run_worker):
         assert sock.recv(1) == b""               # closed by the worker's inactivity limit
         assert 0.25 < time.monotonic() - started < 5.0
     quiet.stop()
+
+
+def test_no_splice_when_the_pipes_would_take_the_descriptors_of_maxconn(bind, run_worker):
+    # global.maxconn 3: one session + the 3 connections' worth of descriptors
+    # its pipes and duplicates take would pass it: relayed by the transports.
+    sender = Sender(8 * MIB)
+    front = bind("tcp")
+    worker = run_worker(tcp_config(front, sender.address).replace(
+        "  workers: 1", "  workers: 1\n  maxconn: 3"))
+    baseline = pipes(worker.proc.pid)
+    with connect(front) as sock:
+        first = recv_exactly(sock, 2 * MIB)
+        assert pipes(worker.proc.pid) == baseline
+        rest = recv_exactly(sock, 6 * MIB)
+        assert sock.recv(1) == b""
+    assert first + rest == pattern_bytes(8 * MIB)
+    sender.stop()
