@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import struct
 import threading
@@ -233,4 +234,20 @@ def test_no_splice_when_the_pipes_would_take_the_descriptors_of_maxconn(bind, ru
         rest = recv_exactly(sock, 6 * MIB)
         assert sock.recv(1) == b""
     assert first + rest == pattern_bytes(8 * MIB)
+    sender.stop()
+
+
+def test_a_spliced_session_runs_to_its_end_through_a_soft_stop(bind, run_worker):
+    sender = Sender(32 * MIB)
+    front = bind("tcp")
+    worker = run_worker(tcp_config(front, sender.address))
+    baseline = pipes(worker.proc.pid)
+    with connect(front, timeout=30) as sock:
+        first = recv_exactly(sock, 2 * MIB)
+        assert pipes(worker.proc.pid) >= baseline + 2       # spliced
+        worker.proc.send_signal(signal.SIGUSR1)              # soft stop: listeners close
+        rest = recv_exactly(sock, 30 * MIB)
+        assert sock.recv(1) == b""                           # the server's end, passed on
+    assert first + rest == pattern_bytes(32 * MIB)
+    assert worker.wait_exit(10) == 0                         # gone once the session ended
     sender.stop()
