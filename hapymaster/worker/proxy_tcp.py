@@ -18,8 +18,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from hapymaster.worker.balance import NO_SERVER, ServerState
 from hapymaster.worker import splice
+from hapymaster.worker.balance import NO_SERVER, ServerState
 from hapymaster.worker.exchange import WRITE_HIGH, Phase
 
 if TYPE_CHECKING:
