@@ -225,9 +225,6 @@ class Worker:
         self._full = Occasional()
         self._out_of_fds = Occasional()
         self.cur_conns = 0
-        # TCP sessions relayed with splice(2) now: each holds 6 descriptors
-        # more than the 2 per connection maxconn was derived from (proxy_tcp).
-        self.spliced = 0
         self.cum_conns = 0
         self.parked_any = False
         self.sessions: set[Any] = set()

@@ -5,11 +5,6 @@ server connection is up, then everything is passed through as is. Half-close
 is relayed (a client that shuts its sending side still gets the server's
 answer). The session ends when both directions have ended, or after
 ``min(timeout.client, timeout.server)`` without data either way.
-
-A session that carries bulk data (a read of ``SPLICE_AFTER`` bytes or more,
-either way) is handed to the kernel: ``splice.Splice`` relays both
-directions socket -> pipe -> socket without copying through Python, with the
-same half-close, backpressure, inactivity timeout and byte counts.
 """
 
 from __future__ import annotations
@@ -18,21 +13,12 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from hapymaster.worker import splice
 from hapymaster.worker.balance import NO_SERVER, ServerState
 from hapymaster.worker.exchange import WRITE_HIGH, Phase
 
 if TYPE_CHECKING:
     from hapymaster.worker.process import FrontendState, Worker
 
-# A read this large says the sender streams faster than one loop pass:
-# from then on the session is spliced (HAProxy's splice-auto waits for a
-# full buffer the same way). Small exchanges stay on the transports, which
-# cost no pipes and no extra descriptors.
-SPLICE_AFTER = 65536
-# The descriptors of a spliced session beyond its two (a pipe per direction,
-# a duplicate of each socket), counted in connections of two descriptors.
-SPLICE_COST = 3
 # Module globals for the phases this relay goes through (see exchange.Phase).
 PARKED, QUEUE, CONNECT, TUNNEL = (int(p) for p in (Phase.PARKED, Phase.QUEUE, Phase.CONNECT,
                                                   Phase.TUNNEL))
@@ -66,8 +52,6 @@ class TcpClient(asyncio.Protocol):
         self.connect_task: asyncio.Future | None = None
         self.logged = False
         self.timeout = min(frontend.timeout.client, self.backend.timeout.server)
-        self.splice: splice.Splice | None = None
-        self.can_splice = splice.AVAILABLE
 
     def enter(self, phase: int, now: float) -> None:
         """The one place the session changes phase, and arms that phase's timeout."""
@@ -166,74 +150,9 @@ class TcpClient(asyncio.Protocol):
         srv = self.srv
         if srv is not None:
             srv.transport.write(data)
-            if len(data) >= SPLICE_AFTER and self.can_splice:
-                self.start_splice()
         else:
             self.pending.append(data)
             self.transport.pause_reading()
-
-    # --- zero-copy relay ---------------------------------------------------------
-
-    def start_splice(self) -> None:
-        """Hand both sockets to a Splice, if both transports have nothing left to write."""
-        srv = self.srv
-        if (srv is None or self.server_eof or self.transport.is_closing()
-                or srv.transport.is_closing() or self.transport.get_write_buffer_size()
-                or srv.transport.get_write_buffer_size()):
-            return                   # not now: the next large read tries again
-        w = self.w
-        if w.maxconn and w.cur_conns + SPLICE_COST * (w.spliced + 1) > w.maxconn:
-            # maxconn follows the descriptor limit at 2 per connection: the
-            # pipes must not take the descriptors that connections at maxconn
-            # need (libuv answers EMFILE on accept by dropping the backlog).
-            return
-        self.can_splice = False
-        self.transport.pause_reading()
-        srv.transport.pause_reading()
-        try:
-            self.splice = splice.Splice(self.w.loop, self, self.transport.get_extra_info("socket"),
-                                        srv.transport.get_extra_info("socket"), self.client_eof)
-        except OSError:
-            # Out of descriptors (a pipe and a duplicate per direction): the
-            # transports keep relaying this session, only slower.
-            self.transport.resume_reading()
-            srv.transport.resume_reading()
-            return
-        w.spliced += 1
-        self.splice.start()
-
-    def spliced(self, n: int, outbound: bool) -> None:
-        self.t_io = self.w.clock()
-        if outbound:
-            self.bytes_out += n
-        else:
-            self.bytes_in += n
-
-    def splice_done(self) -> None:
-        """Both directions ended (each end of stream passed on): the session is over."""
-        self.client_eof = self.server_eof = True
-        self._end_splice(abort=False)
-
-    def splice_failed(self, exc: OSError) -> None:
-        """A reset or a broken pipe on either socket: the session is over, both sides cut."""
-        self._end_splice(abort=True)
-
-    def _close_splice(self) -> None:
-        relay, self.splice = self.splice, None
-        if relay is not None:
-            relay.close()
-            self.w.spliced -= 1
-
-    def _end_splice(self, abort: bool) -> None:
-        self._close_splice()
-        srv = self.srv
-        for transport in ((srv.transport if srv is not None else None), self.transport):
-            if transport is None or transport.is_closing():
-                continue
-            if abort:
-                transport.abort()
-            else:
-                transport.close()
 
     def eof_received(self) -> bool:
         self.client_eof = True
@@ -246,18 +165,16 @@ class TcpClient(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        if self.srv is not None and self.splice is None:
+        if self.srv is not None:
             self.srv.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.t_io = self.w.clock()
-        if self.srv is not None and self.splice is None:
+        if self.srv is not None:
             self.srv.transport.resume_reading()
 
     def abort(self) -> None:
-        if self.splice is not None:
-            self._end_splice(abort=True)
-        elif self.transport is not None:
+        if self.transport is not None:
             self.transport.abort()
 
     def soft_stop(self) -> None:
@@ -283,7 +200,6 @@ class TcpClient(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self._close_splice()         # its duplicates would keep the sockets open
         if self.phase == QUEUE:
             self.backend.dequeue(self)
         if self.connect_task is not None:
@@ -300,7 +216,6 @@ class TcpClient(asyncio.Protocol):
 
     def server_lost(self) -> None:
         self.srv = None
-        self._close_splice()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -347,8 +262,6 @@ class TcpServer(asyncio.Protocol):
         client.t_io = client.w.clock()
         client.bytes_out += len(data)
         client.transport.write(data)
-        if len(data) >= SPLICE_AFTER and client.can_splice:
-            client.start_splice()
 
     def eof_received(self) -> bool:
         client = self.client
@@ -362,11 +275,11 @@ class TcpServer(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        if self.client is not None and self.client.splice is None:
+        if self.client is not None:
             self.client.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.client is not None and self.client.splice is None:
+        if self.client is not None:
             self.client.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -1,8 +1,10 @@
-"""TCP mode's zero-copy relay (hapymaster/worker/splice.py): a session that
-carries bulk data is relayed socket -> pipe -> socket by splice(2). Real
-sockets through a real worker: data intact both ways, half-close,
-backpressure on a slow reader, a server that resets mid-transfer, the
-inactivity timeout, the byte counters, and no descriptor left behind."""
+"""TCP mode with bulk data, real sockets through a real worker: data intact
+both ways with a half-close, backpressure on a slow reader, a server that
+resets mid-transfer, the inactivity timeout after a transfer, the byte
+counters, a soft stop during a transfer.
+
+(Written for a splice(2) relay that was measured and not kept: no less CPU
+per byte than the transports on this machine, see README "Benchmarks".)"""
 
 from __future__ import annotations
 
@@ -14,12 +16,7 @@ import struct
 import threading
 import time
 
-import pytest
-
-from hapymaster.worker import splice
 from worker_harness import RawServer, http_config, pattern_bytes
-
-pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux-only")
 
 MIB = 1 << 20
 
@@ -32,17 +29,6 @@ def tcp_config(front: str, server: str, extra_defaults: str = "") -> str:
 def connect(front: str, timeout: float = 10.0) -> socket.socket:
     host, port = front.rsplit(":", 1)
     return socket.create_connection((host, int(port)), timeout=timeout)
-
-
-def pipes(pid: int) -> int:
-    """How many pipe descriptors the process holds (a spliced session holds two per direction)."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
-        except OSError:
-            pass
-    return count
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:
@@ -119,20 +105,16 @@ class Echo(RawServer):
             conn.shutdown(socket.SHUT_WR)
 
 
-def test_large_echo_both_ways_intact_and_spliced_then_half_close(bind, run_worker):
+def test_large_echo_both_ways_intact_then_half_close(bind, run_worker):
     echo = Echo()
     front = bind("tcp")
     worker = run_worker(tcp_config(front, echo.address))
-    baseline = pipes(worker.proc.pid)
     payload = os.urandom(24 * MIB)
-    seen_pipes = []
     with connect(front) as sock:
         def send() -> None:
             view = memoryview(payload)
             for i in range(0, len(payload), 256 * 1024):
                 sock.sendall(view[i:i + 256 * 1024])
-                if i == 8 * MIB:
-                    seen_pipes.append(pipes(worker.proc.pid))
             sock.shutdown(socket.SHUT_WR)   # half-close: the echo still comes back, then EOF
         sender = threading.Thread(target=send)
         sender.start()
@@ -140,10 +122,8 @@ def test_large_echo_both_ways_intact_and_spliced_then_half_close(bind, run_worke
         assert sock.recv(1) == b""          # the echo's end of stream was passed on
         sender.join(10)
     assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
-    # Mid-transfer the worker held the two pipes of a spliced session...
-    assert seen_pipes and seen_pipes[0] >= baseline + 4, (baseline, seen_pipes)
-    # ...and gave them back when it ended; both directions were counted.
-    assert wait_for(lambda: pipes(worker.proc.pid) == baseline)
+    # Both directions counted, once the session is over.
+    assert wait_for(lambda: int(stat_row(worker, "app", "a")["stot"]) == 1)
     row = stat_row(worker, "app", "a")
     assert int(row["bin"]) == len(payload) and int(row["bout"]) == len(payload), row
     echo.stop()
@@ -153,15 +133,13 @@ def test_slow_reader_holds_the_server_back(bind, run_worker):
     size = 96 * MIB
     sender = Sender(size)
     front = bind("tcp")
-    worker = run_worker(tcp_config(front, sender.address))
-    baseline = pipes(worker.proc.pid)
+    run_worker(tcp_config(front, sender.address))
     with connect(front, timeout=30) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        first = recv_exactly(sock, 2 * MIB)       # the session is spliced by now
-        # The client stops reading: the server must stall once the kernel
-        # buffers on the way (two sockets each side and a pipe) are full,
-        # not push everything into the worker.
-        assert wait_for(lambda: pipes(worker.proc.pid) >= baseline + 2)
+        first = recv_exactly(sock, 2 * MIB)
+        # The client stops reading: the server must stall once the buffers
+        # on the way (the kernel's, the worker's write limit) are full, not
+        # push everything into the worker.
         previous = -1
         while sender.sent != previous:            # until it no longer moves
             previous = sender.sent
@@ -178,7 +156,6 @@ def test_server_reset_mid_transfer_ends_the_session(bind, run_worker):
     sender = Sender(64 * MIB, reset_after=4 * MIB)
     front = bind("tcp")
     worker = run_worker(tcp_config(front, sender.address))
-    baseline = pipes(worker.proc.pid)
     with connect(front) as sock:
         got = 0
         try:
@@ -191,14 +168,14 @@ def test_server_reset_mid_transfer_ends_the_session(bind, run_worker):
             pass                                   # cut, as the server cut
     assert 0 < got <= 4 * MIB
     assert sender.done.wait(10)
-    assert wait_for(lambda: pipes(worker.proc.pid) == baseline)
+    assert wait_for(lambda: int(stat_row(worker, "app", "a")["stot"]) == 1)
     assert worker.proc.poll() is None
     row = stat_row(worker, "app", "a")
     assert int(row["bout"]) >= got and int(row["stot"]) == 1, row
     sender.stop()
 
 
-def test_spliced_session_idle_timeout(bind, run_worker):
+def test_idle_timeout_after_a_transfer(bind, run_worker):
     class Quiet(RawServer):
         """Sends 1 MiB, then nothing, and keeps the connection open."""
 
@@ -209,42 +186,21 @@ def test_spliced_session_idle_timeout(bind, run_worker):
 
     quiet = Quiet()
     front = bind("tcp")
-    worker = run_worker(tcp_config(front, quiet.address, extra_defaults="  timeout: {client: 300ms}"))
-    baseline = pipes(worker.proc.pid)
+    run_worker(tcp_config(front, quiet.address, extra_defaults="  timeout: {client: 300ms}"))
     with connect(front) as sock:
         assert recv_exactly(sock, MIB) == pattern_bytes(MIB)
-        assert pipes(worker.proc.pid) >= baseline + 2   # spliced
         started = time.monotonic()
         assert sock.recv(1) == b""               # closed by the worker's inactivity limit
         assert 0.25 < time.monotonic() - started < 5.0
     quiet.stop()
 
 
-def test_no_splice_when_the_pipes_would_take_the_descriptors_of_maxconn(bind, run_worker):
-    # global.maxconn 3: one session + the 3 connections' worth of descriptors
-    # its pipes and duplicates take would pass it: relayed by the transports.
-    sender = Sender(8 * MIB)
-    front = bind("tcp")
-    worker = run_worker(tcp_config(front, sender.address).replace(
-        "  workers: 1", "  workers: 1\n  maxconn: 3"))
-    baseline = pipes(worker.proc.pid)
-    with connect(front) as sock:
-        first = recv_exactly(sock, 2 * MIB)
-        assert pipes(worker.proc.pid) == baseline
-        rest = recv_exactly(sock, 6 * MIB)
-        assert sock.recv(1) == b""
-    assert first + rest == pattern_bytes(8 * MIB)
-    sender.stop()
-
-
-def test_a_spliced_session_runs_to_its_end_through_a_soft_stop(bind, run_worker):
+def test_a_transfer_runs_to_its_end_through_a_soft_stop(bind, run_worker):
     sender = Sender(32 * MIB)
     front = bind("tcp")
     worker = run_worker(tcp_config(front, sender.address))
-    baseline = pipes(worker.proc.pid)
     with connect(front, timeout=30) as sock:
         first = recv_exactly(sock, 2 * MIB)
-        assert pipes(worker.proc.pid) >= baseline + 2       # spliced
         worker.proc.send_signal(signal.SIGUSR1)              # soft stop: listeners close
         rest = recv_exactly(sock, 30 * MIB)
         assert sock.recv(1) == b""                           # the server's end, passed on
