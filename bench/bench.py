@@ -31,10 +31,12 @@ from pathlib import Path
 import reloads
 from common import (BENCH, MIB, NGINX_PORT, OURS, REPO, VENV_PY, CpuCap, Foreign, Sampler,
                     core_busy, log_tail, machine_info, machine_table, parse_wrk,
-                    proc_cpu, proc_rss_kib, show_proc, start, stop, stop_all, wait_port, wait_quiet,
+                    proc_cpu, proc_rss_kib, show_proc, smaps_private_kib, start, stop, stop_all,
+                    wait_port, wait_quiet,
                     wait_serving, wrk_cmd)
-from configs import (HAP_HTTP, HAP_HTTP_LOG, HAP_PROBE, HAP_TCP, HAPY_HTTP, HAPY_HTTP_LOG,
-                     HAPY_TCP, write_haproxy, write_hapymaster, write_origin)
+from configs import (HAP_HTTP, HAP_HTTP_LOG, HAP_HTTP_SPLICE, HAP_PROBE, HAP_TCP, HAP_TCP_SPLICE,
+                     HAPY_HTTP, HAPY_HTTP_LOG, HAPY_TCP, VARIANT_STEP, write_haproxy,
+                     write_hapymaster, write_origin)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Scenario:
     conns: int
     unit: str                      # "req/s" or "MB/s"
     tcp: bool = False              # through the TCP-mode frontend
+    splice: bool = False           # HAProxy through its 'option splice-auto' frontends
     logged: bool = False           # through the frontend with the access log on (both proxies)
     headers: tuple[str, ...] = ()
     script: str | None = None      # wrk lua script
@@ -62,9 +65,17 @@ SCENARIOS = [
     Scenario("http-close-log", "http-close with the access log on (both proxies)", "/small", 50,
              "req/s", logged=True, headers=("Connection: close",), target=0.75),
     Scenario("http-bulk-1m", "HTTP 1 MiB response download", "/1m", 8, "MB/s"),
+    Scenario("http-bulk-1m-splice", "http-bulk-1m, HAProxy with `option splice-auto`", "/1m", 8,
+             "MB/s", splice=True),
     Scenario("http-bulk-10m", "HTTP 10 MiB response download", "/10m", 4, "MB/s"),
+    Scenario("http-bulk-10m-splice", "http-bulk-10m, HAProxy with `option splice-auto`", "/10m", 4,
+             "MB/s", splice=True),
     Scenario("tcp-relay-10m", "TCP mode relay, 10 MiB response (HTTP through `mode: tcp`)", "/10m",
-             4, "MB/s", tcp=True),
+             4, "MB/s", tcp=True, target=1.2),
+    Scenario("tcp-relay-10m-splice", "tcp-relay-10m, HAProxy with `option splice-auto`", "/10m", 4,
+             "MB/s", tcp=True, splice=True, target=1.2),
+    Scenario("tcp-small", "TCP mode relay, small keep-alive GETs (HTTP through `mode: tcp`)",
+             "/small", 50, "req/s", tcp=True, target=1.2),
     Scenario("http-upload-1m", "HTTP 1 MiB POST body upload", "/upload", 4, "MB/s",
              script="upload.lua", body_size=MIB),
 ]
@@ -159,7 +170,61 @@ def fmt(v: float, unit: str) -> str:
 
 # ---------------------------------------------------------------- main
 
-ALL_PORTS = (NGINX_PORT, HAPY_HTTP, HAPY_TCP, HAPY_HTTP_LOG, HAP_HTTP, HAP_TCP, HAP_HTTP_LOG, HAP_PROBE)
+MAX_VARIANTS = 4                   # hapymasters in one A/B run (--ref given up to 4 times)
+ALL_PORTS = tuple(p + VARIANT_STEP * i for i in range(MAX_VARIANTS)
+                  for p in (HAPY_HTTP, HAPY_TCP, HAPY_HTTP_LOG)) + (
+    NGINX_PORT, HAP_HTTP, HAP_TCP, HAP_HTTP_LOG, HAP_PROBE, HAP_HTTP_SPLICE, HAP_TCP_SPLICE)
+
+
+@dataclass
+class Variant:
+    """One hapymaster of the run: the working tree or a git ref, with its own ports."""
+    label: str                     # "hapymaster" alone, "hapymaster <commit>" in an A/B run
+    source: str                    # for the report
+    env: dict
+    index: int                     # its ports are the base ports + VARIANT_STEP * index
+
+
+def idle_conn_memory(port: int, pid: int, n: int, children_of: int | None = None) -> tuple[int, int]:
+    """RSS (KiB) of ``pid`` before and after ``n`` idle keep-alive client connections.
+
+    Each connection makes one ``GET /small`` and then stays open, idle: the
+    state a proxy keeps per idle keep-alive client (and the pooled server
+    connection behind it, for both proxies alike). The connections are closed
+    before returning.
+    """
+    socks: list[socket.socket] = []
+    before = proc_rss_kib(pid)
+    request = b"GET /small HTTP/1.1\r\nHost: bench\r\n\r\n"
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+            socks.append(s)
+            s.sendall(request)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise RuntimeError(f"port {port} closed an idle-memory connection")
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(body) < length:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+        # Idle, as they stay: hapymaster gives an idle connection's request
+        # parser back after 1 s (PARSER_IDLE), at the next sweeper tick.
+        time.sleep(2.0)
+        return before, proc_rss_kib(pid)
+    finally:
+        for s in socks:
+            s.close()
 
 
 def port_answers(port: int) -> bool:
@@ -185,8 +250,13 @@ def main() -> int:
     ap.add_argument("--reload", action="store_true",
                     help="the reload scenarios (" + ", ".join(s.name for s in reloads.SCENARIOS)
                     + ") instead of the throughput ones")
-    ap.add_argument("--ref", help="benchmark this git ref of hapymaster (exported with git archive) "
-                    "instead of the working tree")
+    ap.add_argument("--ref", action="append",
+                    help="benchmark this git ref of hapymaster (exported with git archive) instead "
+                    "of the working tree; repeat for an A/B run (up to 4: each its own hapymaster, "
+                    "all in alternation with HAProxy in one run); '.' is the working tree")
+    ap.add_argument("--idle-conns", type=int, default=1000,
+                    help="idle keep-alive client connections for the per-connection memory "
+                    "figure (1000; 0: skip)")
     ap.add_argument("--cap", type=float, metavar="PERCENT",
                     help="layout 'capped': each proxy in its own cgroup limited to PERCENT of a "
                     "core (e.g. 40), for when the load core saturates first")
@@ -231,28 +301,38 @@ def main() -> int:
         raise SystemExit(f"bench: something already listens on 127.0.0.1 port(s) {busy}; "
                          "stop it first")
 
-    # Which hapymaster: the working tree (editable install) or an exported ref.
-    env = dict(os.environ)
-    env.pop("HAPYMASTER_PROFILE", None)
-    if args.ref:
-        src = wd / "src"
-        src.mkdir()
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.ref],
-                                check=True, capture_output=True, text=True).stdout.strip()
-        subprocess.run(f"git -C {REPO} archive {args.ref} hapymaster | tar -x -C {src}", shell=True,
-                       check=True)
-        env["PYTHONPATH"] = str(src)
-        hapy_src = f"git {commit} (exported with git archive)"
-    else:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "hapymaster"],
-                               capture_output=True, text=True).stdout.strip()
-        hapy_src = f"working tree at {commit}" + (" + uncommitted changes in hapymaster/" if dirty
-                                                   else " (clean)")
-    if os.environ.get("BENCH_PROFILE"):
-        env["HAPYMASTER_PROFILE"] = os.environ["BENCH_PROFILE"]
-    info = machine_info(hapy_src)
+    # Which hapymaster(s): the working tree (editable install) or exported refs.
+    refs = args.ref or ["."]
+    if len(refs) > MAX_VARIANTS:
+        ap.error(f"--ref: at most {MAX_VARIANTS}")
+    variants = []
+    for i, ref in enumerate(refs):
+        env = dict(os.environ)
+        env.pop("HAPYMASTER_PROFILE", None)
+        if ref != ".":
+            src = wd / f"src{i}"
+            src.mkdir()
+            commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref],
+                                    check=True, capture_output=True, text=True).stdout.strip()
+            subprocess.run(f"git -C {REPO} archive {ref} hapymaster | tar -x -C {src}",
+                           shell=True, check=True)
+            env["PYTHONPATH"] = str(src)
+            source = f"git {commit} (exported with git archive)"
+        else:
+            commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                    "hapymaster"], capture_output=True, text=True).stdout.strip()
+            source = f"working tree at {commit}" + (" + uncommitted changes in hapymaster/"
+                                                    if dirty else " (clean)")
+            commit = "worktree"
+        if os.environ.get("BENCH_PROFILE"):
+            env["HAPYMASTER_PROFILE"] = os.environ["BENCH_PROFILE"]
+        label = "hapymaster" if len(refs) == 1 else f"hapymaster {commit}"
+        variants.append(Variant(label, source, env, i))
+    env = variants[0].env          # the reload scenarios run the first one
+    info = machine_info("; ".join(f"{v.label}: {v.source}" if len(variants) > 1 else v.source
+                                  for v in variants))
     layout = (f"proxies pinned to cpu {args.proxy_cpu}, wrk, nginx and the log sink to cpu "
               f"{args.load_cpu}" + (f"; {cap.describe()}" if cap else "; no CPU cap"))
     layout_name = f"capped {args.cap:g}%" if cap else "pinned"
@@ -264,7 +344,7 @@ def main() -> int:
 
     sections: list[str] = []
     if scenarios:
-        sections.append(run_throughput(args, wd, env, scenarios, cap, layout, layout_name))
+        sections.append(run_throughput(args, wd, variants, scenarios, cap, layout, layout_name))
     if reload_scenarios:
         sections.append(reloads.run(args, wd, env, reload_scenarios, cap, layout, layout_name))
 
@@ -282,35 +362,60 @@ def main() -> int:
     return 0
 
 
-def run_throughput(args, wd: Path, env: dict, scenarios: list[Scenario], cap: CpuCap | None,
-                   layout: str, layout_name: str) -> str:
+def run_throughput(args, wd: Path, variants: list[Variant], scenarios: list[Scenario],
+                   cap: CpuCap | None, layout: str, layout_name: str) -> str:
     logged = any(sc.logged for sc in scenarios)
     sink = Sink(wd, args.load_cpu) if logged else None
-    hapy_cfg = write_hapymaster(wd, workers=1, log_sink=sink.path if sink else None)
-    master = start([str(VENV_PY), "-m", "hapymaster", "-f", str(hapy_cfg), "-S",
-                    str(wd / "master.sock")], wd / "hapymaster.log", args.proxy_cpu, env=env,
-                   cap=cap, cap_name="hapymaster")
+    masters = {}
+    for v in variants:
+        suffix = f"-{v.index}" if v.index else ""
+        hapy_cfg = write_hapymaster(wd, workers=1, log_sink=sink.path if sink else None,
+                                    variant=v.index)
+        masters[v.label] = start([str(VENV_PY), "-m", "hapymaster", "-f", str(hapy_cfg), "-S",
+                                  str(wd / f"master{suffix}.sock")], wd / f"hapymaster{suffix}.log",
+                                 args.proxy_cpu, env=v.env, cap=cap, cap_name=f"hapymaster{suffix}")
     haproxy = start(["haproxy", "-db", "-f", str(write_haproxy(wd, 1, sink.path if sink else None))],
                     wd / "haproxy.log", args.proxy_cpu, cap=cap, cap_name="haproxy")
-    wait_serving(HAPY_HTTP, master, "hapymaster")
+    pids: dict[str, int] = {}
+    for v in variants:
+        suffix = f"-{v.index}" if v.index else ""
+        wait_serving(HAPY_HTTP + VARIANT_STEP * v.index, masters[v.label], v.label)
+        # The worker, as the master CLI lists it (not "the master's child": a fork
+        # server may stand between them). Affinity and cgroup are inherited.
+        workers = show_proc(wd / f"master{suffix}.sock").workers
+        if len(workers) != 1:
+            raise SystemExit(f"expected one worker under {v.label} master "
+                             f"{masters[v.label].pid}, got {workers}")
+        pids[v.label] = workers[0]
     wait_serving(HAP_HTTP, haproxy, "haproxy")
-    # The worker, as the master CLI lists it (not "the master's child": a fork
-    # server may stand between them). Affinity and cgroup are inherited.
-    workers = show_proc(wd / "master.sock").workers
-    if len(workers) != 1:
-        raise SystemExit(f"expected one hapymaster worker under master {master.pid}, got {workers}")
-    hapy_pid = workers[0]
-    OURS[1:] = [master.pid, haproxy.pid] + ([sink.proc.pid] if sink else [])
-    print(f"# workdir {wd}; hapymaster master {master.pid} worker {hapy_pid}, haproxy "
-          f"{haproxy.pid}; layout {layout_name}: {layout}", flush=True)
-    idle_rss = {"hapymaster": proc_rss_kib(hapy_pid), "haproxy": proc_rss_kib(haproxy.pid)}
+    pids["haproxy"] = haproxy.pid
+    procs = list(masters.values()) + [haproxy]
+    OURS[1:] = [p.pid for p in procs] + ([sink.proc.pid] if sink else [])
+    print(f"# workdir {wd}; " + ", ".join(f"{v.label} master {masters[v.label].pid} worker "
+                                          f"{pids[v.label]}" for v in variants)
+          + f", haproxy {haproxy.pid}; layout {layout_name}: {layout}", flush=True)
+    idle_rss = {name: proc_rss_kib(pid) for name, pid in pids.items()}
+    private = {name: smaps_private_kib(pid) for name, pid in pids.items()}
+    offsets = {v.label: VARIANT_STEP * v.index for v in variants}
 
     def port(name: str, sc: Scenario) -> int:
-        if name == "hapymaster":
-            return HAPY_TCP if sc.tcp else HAPY_HTTP_LOG if sc.logged else HAPY_HTTP
+        if name in offsets:
+            return offsets[name] + (HAPY_TCP if sc.tcp else HAPY_HTTP_LOG if sc.logged
+                                    else HAPY_HTTP)
+        if sc.splice:
+            return HAP_TCP_SPLICE if sc.tcp else HAP_HTTP_SPLICE
         return HAP_TCP if sc.tcp else HAP_HTTP_LOG if sc.logged else HAP_HTTP
 
-    pids = {"hapymaster": hapy_pid, "haproxy": haproxy.pid}
+    conn_mem: dict[str, tuple[int, int]] = {}
+    if args.idle_conns:
+        for name, pid in pids.items():
+            http = offsets[name] + HAPY_HTTP if name in offsets else HAP_HTTP
+            conn_mem[name] = idle_conn_memory(http, pid, args.idle_conns)
+            b, a = conn_mem[name]
+            print(f"# {name}: {args.idle_conns} idle keep-alive connections: RSS {b / 1024:.1f} -> "
+                  f"{a / 1024:.1f} MiB, {(a - b) / args.idle_conns:.2f} KiB per connection",
+                  flush=True)
+        time.sleep(1.0)            # the proxies see the closes before the first run
     results: dict[str, dict[str, list[Run]]] = {}
     direct: dict[str, Run] = {}
     for sc in scenarios:
@@ -327,7 +432,7 @@ def run_throughput(args, wd: Path, env: dict, scenarios: list[Scenario], cap: Cp
             order = list(pids) if rep % 2 == 0 else list(reversed(pids))
             for name in order:
                 pid = pids[name]
-                if master.poll() is not None or haproxy.poll() is not None:
+                if any(p.poll() is not None for p in procs):
                     raise SystemExit("a proxy died during the runs; see the logs in " + str(wd))
                 run_sink = sink if sc.logged and name == "haproxy" else None
                 # On a shared machine: a run during which other processes took CPU is run
@@ -354,7 +459,7 @@ def run_throughput(args, wd: Path, env: dict, scenarios: list[Scenario], cap: Cp
                       f"rss {r.rss_kib / 1024:.1f} MiB  others {r.foreign:.2f}{note}", flush=True)
 
     if args.keep:
-        print(f"\n# --keep: everything still running (worker pid {hapy_pid}); Ctrl-C to stop",
+        print(f"\n# --keep: everything still running (pids {pids}); Ctrl-C to stop",
               flush=True)
         try:
             while True:
@@ -362,14 +467,18 @@ def run_throughput(args, wd: Path, env: dict, scenarios: list[Scenario], cap: Cp
         except KeyboardInterrupt:
             pass
 
-    hapy_log, hap_log = log_tail(wd / "hapymaster.log"), log_tail(wd / "haproxy.log")
-    for proc in (master, haproxy) + ((sink.proc,) if sink else ()):
+    logs = {v.label: log_tail(wd / (f"hapymaster-{v.index}.log" if v.index else "hapymaster.log"))
+            for v in variants}
+    logs["haproxy"] = log_tail(wd / "haproxy.log")
+    for proc in procs + ([sink.proc] if sink else []):
         stop(proc)
     del OURS[1:]
-    return render(args, scenarios, results, direct, idle_rss, hapy_log, hap_log, layout_name)
+    return render(args, scenarios, results, direct, idle_rss, private, conn_mem, logs,
+                  layout_name, [v.label for v in variants])
 
 
-def render(args, scenarios, results, direct, idle_rss, hapy_log, hap_log, layout_name) -> str:
+def render(args, scenarios, results, direct, idle_rss, private, conn_mem, logs, layout_name,
+           hapys: list[str]) -> str:
     L = [f"## Throughput (layout {layout_name})", "",
          f"Each figure is the median of {args.reps} runs of {args.duration:g}s (wrk -t1), proxies "
          f"alternating; 1 hapymaster worker, HAProxy nbthread 1. Access log off on both, except "
@@ -378,29 +487,44 @@ def render(args, scenarios, results, direct, idle_rss, hapy_log, hap_log, layout
          "\"cpu\" is the proxy process's CPU time over the run (1.00 = one core saturated); "
          f"\"load core\" is how busy cpu {args.load_cpu} (wrk + nginx) was: near 100% means "
          "the load side, not the proxy, was the limit.", ""]
-    L += [f"| scenario | unit | hapymaster | HAProxy | ratio | target | hapymaster cpu | HAProxy cpu "
-          "| load core (hapy / HAProxy) | no proxy | layout |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    L += ["| scenario | unit | hapymaster | HAProxy | ratio | target | hapymaster cpu | HAProxy cpu "
+          "| load core (hapy / HAProxy) | no proxy | HAProxy splice | layout |"
+          + (" hapymaster code |" if len(hapys) > 1 else ""),
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+          + ("---|" if len(hapys) > 1 else "")]
     load = int(args.load_cpu) if args.load_cpu.isdigit() else None
     for sc in scenarios:
-        h, p = results[sc.name]["hapymaster"], results[sc.name]["haproxy"]
-        hm, pm = statistics.median(r.value for r in h), statistics.median(r.value for r in p)
-        ratio = hm / pm if pm else float("nan")
-        ok = "ok" if ratio >= sc.target else "**below**"
-        lc = (f"{statistics.median(r.core.get(load, 0) for r in h):.0%} / "
-              f"{statistics.median(r.core.get(load, 0) for r in p):.0%}") if load is not None else "?"
-        d = fmt(direct[sc.name].value, sc.unit) if sc.name in direct else "-"
-        L.append(f"| {sc.name} | {sc.unit} | {fmt(hm, sc.unit)} | {fmt(pm, sc.unit)} | "
-                 f"**{ratio:.2f}×** | ≥ {sc.target:.2f} {ok} | "
-                 f"{statistics.median(r.cpu for r in h):.2f} | {statistics.median(r.cpu for r in p):.2f} | "
-                 f"{lc} | {d} | {layout_name} |")
-    L += ["", "Memory (RSS, MiB): idle after start → peak under load",
-          "", "| scenario | hapymaster worker | HAProxy |", "|---|---:|---:|",
-          f"| idle | {idle_rss['hapymaster'] / 1024:.1f} | {idle_rss['haproxy'] / 1024:.1f} |"]
+        p = results[sc.name]["haproxy"]
+        pm = statistics.median(r.value for r in p)
+        for hapy in hapys:
+            h = results[sc.name][hapy]
+            hm = statistics.median(r.value for r in h)
+            ratio = hm / pm if pm else float("nan")
+            ok = "ok" if ratio >= sc.target else "**below**"
+            lc = (f"{statistics.median(r.core.get(load, 0) for r in h):.0%} / "
+                  f"{statistics.median(r.core.get(load, 0) for r in p):.0%}") if load is not None else "?"
+            d = fmt(direct[sc.name].value, sc.unit) if sc.name in direct else "-"
+            L.append(f"| {sc.name} | {sc.unit} | {fmt(hm, sc.unit)} | {fmt(pm, sc.unit)} | "
+                     f"**{ratio:.2f}×** | ≥ {sc.target:.2f} {ok} | "
+                     f"{statistics.median(r.cpu for r in h):.2f} | {statistics.median(r.cpu for r in p):.2f} | "
+                     f"{lc} | {d} | {'splice-auto' if sc.splice else 'off'} | {layout_name} |"
+                     + (f" {hapy} |" if len(hapys) > 1 else ""))
+    names = hapys + ["haproxy"]
+    L += ["", "Memory (RSS, MiB): idle after start → peak under load; \"private\" is the idle "
+          "process's Private_Clean + Private_Dirty (/proc/PID/smaps_rollup: a hapymaster worker "
+          "shares the rest with the worker template it was forked from)",
+          "", "| scenario | " + " | ".join(n + (" worker" if n != "haproxy" else "")
+                                          for n in names) + " |",
+          "|---|" + "---:|" * len(names),
+          "| idle | " + " | ".join(f"{idle_rss[n] / 1024:.1f}" for n in names) + " |",
+          "| idle, private | " + " | ".join(f"{private[n] / 1024:.1f}" for n in names) + " |"]
+    if conn_mem:
+        L.append(f"| idle + {args.idle_conns} keep-alive clients, KiB per connection | "
+                 + " | ".join(f"{(conn_mem[n][1] - conn_mem[n][0]) / args.idle_conns:.2f}"
+                              for n in names) + " |")
     for sc in scenarios:
-        h, p = results[sc.name]["hapymaster"], results[sc.name]["haproxy"]
-        L.append(f"| {sc.name} | {max(r.rss_kib for r in h) / 1024:.1f} | "
-                 f"{max(r.rss_kib for r in p) / 1024:.1f} |")
+        L.append(f"| {sc.name} | " + " | ".join(
+            f"{max(r.rss_kib for r in results[sc.name][n]) / 1024:.1f}" for n in names) + " |")
     errs = []
     for sc in scenarios:
         for name, runs in results[sc.name].items():
@@ -426,13 +550,12 @@ def render(args, scenarios, results, direct, idle_rss, hapy_log, hap_log, layout
         if sc.name in direct:
             L.append(f"- no proxy: {fmt(direct[sc.name].value, sc.unit)} {sc.unit}")
         L.append("")
-        last = results[sc.name]["hapymaster"][-1].raw.strip()
-        L += ["<details><summary>last hapymaster wrk output</summary>", "", "```", last, "```",
+        last = results[sc.name][hapys[0]][-1].raw.strip()
+        L += [f"<details><summary>last {hapys[0]} wrk output</summary>", "", "```", last, "```",
               "</details>", ""]
-    tail = "\n".join(hapy_log.strip().splitlines()[-15:])
-    L += ["#### hapymaster log (last lines)", "", "```", tail or "(empty)", "```", ""]
-    tail = "\n".join(hap_log.strip().splitlines()[-15:])
-    L += ["#### HAProxy log (last lines)", "", "```", tail or "(empty)", "```", ""]
+    for name, text in logs.items():
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        L += [f"#### {name} log (last lines)", "", "```", tail or "(empty)", "```", ""]
     return "\n".join(L)
 
 

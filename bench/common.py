@@ -249,6 +249,22 @@ def proc_rss_kib(pid: int) -> int:
     return 0
 
 
+def smaps_private_kib(pid: int) -> int:
+    """Private_Clean + Private_Dirty of a process (/proc/PID/smaps_rollup), in KiB.
+
+    What the process costs on its own: a forked worker shares the pages of
+    the template it came from until it writes to them.
+    """
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    except OSError:
+        return 0
+    return total
+
+
 def cpu_split() -> tuple[float, float]:
     """All cores together, in seconds: (user+nice+system, irq+softirq) from /proc/stat."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

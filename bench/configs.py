@@ -14,6 +14,12 @@ from common import MIB, NGINX_PORT
 
 HAPY_HTTP, HAPY_TCP, HAPY_HTTP_LOG = 18080, 18081, 18082
 HAP_HTTP, HAP_TCP, HAP_HTTP_LOG, HAP_PROBE = 28080, 28081, 28082, 28099
+# HAProxy's frontends with 'option splice-auto' (kernel splicing, as a
+# performance-minded HAProxy user runs bulk and TCP traffic)
+HAP_HTTP_SPLICE, HAP_TCP_SPLICE = 28083, 28084
+# A second (third...) hapymaster of an A/B run (--ref A --ref B) listens on
+# the same ports plus VARIANT_STEP * its index.
+VARIANT_STEP = 100
 
 SMALL_BODY = "hello from the origin: a small answer, about one hundred bytes long, for the req/s runs\n"
 HARD_STOP_AFTER = "5s"             # both proxies: how long a soft-stopped worker may keep serving
@@ -67,21 +73,25 @@ def hapymaster_access_log(sink: Path) -> str:
     return f'  access_log: {{target: syslog, address: "{sink}"}}\n'
 
 
-def write_hapymaster(wd: Path, workers: int = 1, log_sink: Path | None = None) -> Path:
+def write_hapymaster(wd: Path, workers: int = 1, log_sink: Path | None = None,
+                     variant: int = 0) -> Path:
+    """The config of hapymaster number ``variant`` of the run (its ports shifted by VARIANT_STEP)."""
+    shift = VARIANT_STEP * variant
+    suffix = f"-{variant}" if variant else ""
     logged = ""
     if log_sink is not None:
         logged = f"""\
   - name: fe_http_log
-    bind: ["127.0.0.1:{HAPY_HTTP_LOG}"]
+    bind: ["127.0.0.1:{HAPY_HTTP_LOG + shift}"]
     mode: http
     access_log: true
     default_backend: origin
 """
-    conf = wd / "hapymaster.yaml"
+    conf = wd / f"hapymaster{suffix}.yaml"
     conf.write_text(f"""\
 global:
   workers: {workers}
-  master_socket: {wd}/master.sock
+  master_socket: {wd}/master{suffix}.sock
   hard_stop_after: {HARD_STOP_AFTER}
 {hapymaster_access_log(log_sink) if log_sink is not None else ""}defaults:
   mode: http
@@ -90,11 +100,11 @@ global:
   access_log: false
 frontends:
   - name: fe_http
-    bind: ["127.0.0.1:{HAPY_HTTP}"]
+    bind: ["127.0.0.1:{HAPY_HTTP + shift}"]
     mode: http
     default_backend: origin
   - name: fe_tcp
-    bind: ["127.0.0.1:{HAPY_TCP}"]
+    bind: ["127.0.0.1:{HAPY_TCP + shift}"]
     mode: tcp
     default_backend: origin_tcp
 {logged}backends:
@@ -137,6 +147,10 @@ frontend fe_http_log
 global
     nbthread {nbthread}
     maxconn 9000
+    # splice-auto reserves maxpipes pipes (2 fds each; default maxconn/4) on
+    # top of 2 fds per connection: 9000/4 would need 22,518 fds, over this
+    # machine's hard limit of 20,000. The bulk runs use at most 8 at a time.
+    maxpipes 500
     hard-stop-after {HARD_STOP_AFTER}
     # no global 'log' line: only fe_http_log logs, like hapymaster's access_log
 
@@ -168,6 +182,29 @@ frontend fe_tcp
 
 backend origin_tcp
     mode tcp
+    balance roundrobin
+    server nginx 127.0.0.1:{NGINX_PORT}
+
+# the same two with kernel splicing (the '-splice' scenarios)
+frontend fe_http_splice
+    bind 127.0.0.1:{HAP_HTTP_SPLICE}
+    option splice-auto
+{headers}    default_backend origin_splice
+
+backend origin_splice
+    option splice-auto
+    balance roundrobin
+    server nginx 127.0.0.1:{NGINX_PORT}
+
+frontend fe_tcp_splice
+    mode tcp
+    bind 127.0.0.1:{HAP_TCP_SPLICE}
+    option splice-auto
+    default_backend origin_tcp_splice
+
+backend origin_tcp_splice
+    mode tcp
+    option splice-auto
     balance roundrobin
     server nginx 127.0.0.1:{NGINX_PORT}
 {logged}

@@ -28,9 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
-import hashlib
 import importlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -85,6 +83,11 @@ def _package_dir() -> str:
 
 def installed_version() -> str:
     """The version on disk now: after a package upgrade, new workers run it."""
+    # Imported here, not at the top: the worker template imports this
+    # module, and what the template imports is in every worker's memory
+    # (importlib.metadata brings zipfile, email, csv...: ~1.3 MiB of RSS per
+    # worker). Only the master calls this.
+    import importlib.metadata
     try:
         return importlib.metadata.version("hapymaster")
     except importlib.metadata.PackageNotFoundError:
@@ -100,6 +103,7 @@ def code_signature() -> tuple[str, ...]:
     the changelog date. The interpreter is in it too (a Python update also
     replaces the template), and the installed version.
     """
+    import hashlib  # the master's only (see installed_version): ~0.7 MiB in every worker
     digest = hashlib.blake2b(digest_size=16)
     top = _package_dir()
     for directory, subdirs, names in os.walk(top):

@@ -56,6 +56,10 @@ MAX_PENDING = 262144
 # Up to this much of a request body still on its way after the server's
 # answer is read and dropped to keep the client connection; more: close.
 MAX_DRAIN = 16 << 20
+# A keep-alive connection idle this long gives back its request parser
+# (~0.9 KiB of llhttp state, the largest part of an idle connection); the
+# next request makes a new one. Busy connections keep theirs.
+PARSER_IDLE = 1.0
 
 # The phases and pause reasons as module globals holding plain ints: the
 # hot path compares them several times per request, an attribute lookup on
@@ -93,7 +97,7 @@ class HttpClient(asyncio.Protocol):
         self.w = worker
         self.fe = frontend
         self.transport: Any = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: Any = httptools.HttpRequestParser(self)
         # [0] is served, the rest are pipelined (a list, not a deque: rarely
         # more than one, and an empty deque costs ~700 bytes per connection).
         self.reqs: list[Exchange] = []
@@ -173,6 +177,8 @@ class HttpClient(asyncio.Protocol):
             elif idle_for >= self.fe.timeout.client:     # DRAIN
                 self.close()
             return
+        if phase == IDLE and self.parser is not None and now - self.t_io >= PARSER_IDLE:
+            self.parser = None
         if phase == PARKED or now < self.deadline:
             return
         if phase == HEAD:
@@ -417,8 +423,11 @@ class HttpClient(asyncio.Protocol):
                 return size
             head = STAND_IN + head[len(method):]
         self.method = method
+        parser = self.parser
+        if parser is None:                # given back while idle (PARSER_IDLE)
+            parser = self.parser = httptools.HttpRequestParser(self)
         try:
-            self.parser.feed_data(head)
+            parser.feed_data(head)
         except HttpParserUpgrade:
             parsed = self.parsed
             if parsed is not None:
