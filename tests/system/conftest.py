@@ -128,7 +128,7 @@ def _bump_version(tree: Path, version: str) -> None:
 
 def _build(tree: Path, chroot: Path, out: Path) -> Path:
     run([str(tree / "packaging" / "build-deb"), "--chroot", str(chroot), str(out)], timeout=600)
-    debs = sorted(out.glob("hapymaster_*_all.deb"))
+    debs = sorted(out.glob("hapymaster_*.deb"))
     assert len(debs) == 1, debs
     return debs[0]
 
