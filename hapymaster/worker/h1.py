@@ -181,7 +181,7 @@ def request_head(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
         host = default_host
         lines += (b"Host: ", host, b"\r\n")
     chunked = codings is not None
-    if chunked:
+    if codings is not None:
         # Restated from the list elements, without the OWS around them: a
         # "chunked<TAB>" that the client's parser took is refused by a strict
         # server's (found by the request-path fuzzer).
@@ -194,7 +194,7 @@ def request_head(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], 
     has_body = chunked or (length is not None and length != b"0")
     if upgrade and upgrade_value:
         lines += (b"Connection: upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
-    if claims is not None:
+    if claims is not None and trusted_ip is not None:     # claims: a trusted peer's only
         forwarding = forwarding_headers(trusted_ip, b"x-forwarded-for" in skip,
                                         b"x-forwarded-proto" in skip, b"forwarded" in skip, claims)
     lines.append(forwarding)

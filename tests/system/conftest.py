@@ -60,7 +60,8 @@ CACHE_DIR = Path(os.environ.get("HAPYMASTER_TEST_CACHE", "/var/cache/hapymaster-
 # Pre-installed so that installing the .deb needs no network: systemd as PID 1,
 # and hapymaster's runtime dependencies from the distribution.
 ROOTFS_PACKAGES = ("systemd", "systemd-sysv", "dbus", "procps", "python3-minimal",
-                   "python3-yaml", "python3-uvloop", "python3-httptools", "python3-systemd")
+                   "python3-yaml", "python3-uvloop", "python3-httptools", "python3-systemd",
+                   "python3-mypy-extensions")
 
 
 def _why_no_nspawn() -> str | None:
@@ -128,7 +129,7 @@ def _bump_version(tree: Path, version: str) -> None:
 
 def _build(tree: Path, chroot: Path, out: Path) -> Path:
     run([str(tree / "packaging" / "build-deb"), "--chroot", str(chroot), str(out)], timeout=600)
-    debs = sorted(out.glob("hapymaster_*_all.deb"))
+    debs = sorted(out.glob("hapymaster_*.deb"))
     assert len(debs) == 1, debs
     return debs[0]
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import re
 import time
+import tomllib
 
 import pytest
 
-from .helpers import UPGRADE_VERSION, Container, Load, parse_show_proc
+from .helpers import REPO, UPGRADE_VERSION, Container, Load, parse_show_proc
 
 UNIT = "hapymaster.service"
 CONFIG = "/etc/hapymaster/hapymaster.yaml"
@@ -28,6 +29,8 @@ DROPIN_DIR = "/etc/systemd/system/hapymaster.service.d"
 NOTIFY_RELOAD_EXAMPLE = "/usr/share/doc/hapymaster/examples/notify-reload.conf"
 # Releases whose systemd has Type=notify-reload (>= 253).
 NOTIFY_RELOAD_SUITES = {"trixie"}
+# The modules built by Cython (setup.py).
+COMPILED = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hapymaster"]["compiled"]
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -201,6 +204,17 @@ def test_traffic_flows_through_the_installed_config(container: Container):
     assert status == 200 and MARKER in body, (status, body)
     status, body = get(container, "/;csv", port=8404, attempts=10)
     assert status == 200 and "app1" in body, (status, body)
+
+
+def test_workers_run_the_compiled_hot_path(container: Container):
+    """The installed workers have the Cython-built modules mapped, not their .py."""
+    workers = current_workers(container)
+    assert workers
+    for pid in workers:
+        maps = container.sh(f"cat /proc/{pid}/maps").stdout
+        for name in COMPILED:
+            path = name.replace(".", "/")
+            assert re.search(rf"/{path}\.cpython-\d+-\S+\.so$", maps, re.M), (pid, name)
 
 
 def check_one_blocking_reload(c: Container, tmp_path) -> None:

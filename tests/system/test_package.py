@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tomllib
 
 import pytest
 
@@ -14,6 +15,7 @@ from .helpers import REPO, DebPackages, run
 IN_CHROOT = str(REPO / "packaging" / "in-chroot")
 # The release's own Python, which the package is built against.
 PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
+COMPILED = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hapymaster"]["compiled"]
 
 
 def test_lintian_reports_no_error_and_no_warning(deb_packages: DebPackages):
@@ -34,7 +36,8 @@ def test_lintian_reports_no_error_and_no_warning(deb_packages: DebPackages):
 def test_package_contents_and_dependencies(deb_packages: DebPackages):
     deb = str(deb_packages.current)
     depends = run(["dpkg-deb", "-f", deb, "Depends"]).stdout
-    for dep in ("python3-yaml", "python3-uvloop", "python3-httptools", "python3-systemd"):
+    for dep in ("python3-yaml", "python3-uvloop", "python3-httptools", "python3-systemd",
+                "python3-mypy-extensions"):
         assert dep in depends, depends
     files = run(["dpkg-deb", "-c", deb]).stdout
     for path in ("./usr/bin/hapymaster", "./etc/hapymaster/hapymaster.yaml",
@@ -45,11 +48,26 @@ def test_package_contents_and_dependencies(deb_packages: DebPackages):
                  "./usr/share/doc/hapymaster/examples/notify-reload.conf",
                  "./usr/lib/python3/dist-packages/hapymaster/__init__.py"):
         assert path in files, path
-    # No vendored dependency and no compiled code.
+    # No vendored dependency.
     for vendored in ("/yaml/", "/uvloop/", "/httptools/", "/systemd/journal"):
         assert vendored not in files.replace("/lib/systemd/system/", "/"), vendored
-    assert not re.search(r"(?m)\.so(\.\d+)*$", files), "a compiled object in an Architecture: all package"
-    assert run(["dpkg-deb", "-f", deb, "Architecture"]).stdout.strip() == "all"
+    # The hot path compiled by mypyc (setup.py) for the release's Python: each
+    # module and its runtime library (NAME__mypyc) next to its .py, no other
+    # compiled object, no generated C.
+    py = PYTHON[deb_packages.suite].replace(".", "")
+    shipped = re.findall(r"(?m)\./(\S+\.so(?:\.\d+)*)$", files)
+    for name in COMPILED:
+        for suffix in ("", "__mypyc"):
+            built = (rf"usr/lib/python3/dist-packages/{name.replace('.', '/')}{suffix}"
+                     rf"\.cpython-{py}-\w+-linux-gnu\.so")
+            assert [f for f in shipped if re.fullmatch(built, f)], (name + suffix, shipped)
+    assert len(shipped) == 2 * len(COMPILED), shipped
+    for name in COMPILED:
+        assert f"./usr/lib/python3/dist-packages/{name.replace('.', '/')}.py" in files, name
+    assert not re.search(r"(?m)\.[ch]$", files), "mypyc's generated C is shipped"
+    arch = run(["dpkg-deb", "-f", deb, "Architecture"]).stdout.strip()
+    assert arch == run(["dpkg", "--print-architecture"]).stdout.strip(), arch
+    assert "libc6" in depends, depends      # ${shlibs:Depends}
 
 
 def test_package_is_built_with_the_suites_own_python(deb_packages: DebPackages):
