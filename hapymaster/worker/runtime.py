@@ -48,7 +48,7 @@ async def execute(worker: "Worker", line: str) -> str:
         return show_servers_state(worker, words[3] if len(words) > 3 else None)
     if words[0] in ("disable", "enable") and len(words) >= 2 and words[1] == "server":
         if len(words) != 3:
-            return f"Require 'backend/server'.\n"
+            return "Require 'backend/server'.\n"
         server, error = find_server(worker, words[2])
         if server is None:
             return error
