@@ -184,7 +184,8 @@ def run(control_fd: int, fd_map: dict[int, int] | None = None,
         # it (its intermediate parent exits right after the fork).
         die_with_reaper(master_pid)
 
-    keep_freed_memory()
+    if preforked is None:
+        keep_freed_memory()     # a forked worker has the template's malloc settings
     loop = new_loop()
     asyncio.set_event_loop(loop)
     worker = Worker(config, loop, generation, index, master_pid, AccessLog(loop, access_sink))
