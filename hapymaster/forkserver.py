@@ -320,10 +320,6 @@ class ForkServer:
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.close()
             raise TemplateGone(f"the worker template exited: {exc}") from None
-        except OSError:
-            # Not the template's fault (EMFILE, ENOMEM...): it is still there.
-            sock.setblocking(False)
-            raise
         finally:
             if self.sock is not None:
                 sock.setblocking(False)

@@ -544,7 +544,8 @@ class Master:
 
     def _reconcile(self) -> None:
         """What should exist against what does: the current generation's slots."""
-        if self.stopping or self._start_failed:
+        # Generation 0: the first one is not started yet, there is nothing to restart.
+        if self.stopping or self._start_failed or self.generation == 0:
             return
         now = time.monotonic()
         current = {w.index: w for w in self.current_workers()}

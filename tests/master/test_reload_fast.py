@@ -85,3 +85,15 @@ def test_template_still_serves_a_master_older_than_itself(http_backend):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert isinstance(report["answer"].get("pid"), int), report
     assert report["line"] == "_send_status READY", (report, out.stderr)
+
+
+def test_first_start_plans_no_restart_for_a_generation_not_started_yet(master_factory,
+                                                                       http_backend):
+    """While the first template starts, the supervisor handles events and
+    reconciles: with no generation yet it once planned restarts "of generation
+    0" (logged at every start) and doubled the restart backoff before any
+    worker had run."""
+    backend = http_backend("s1")
+    master = master_factory(http_config(free_port(), [backend.address], workers=2))
+    assert len(master.workers()) == 2
+    assert "of generation 0" not in master.log(), master.log()
