@@ -365,8 +365,10 @@ def serve(fd: int) -> int:
     # for all workers (measured: -0.7 ms CPU of the ~4.5 ms a forked worker
     # spends parsing a small config).
     parse_config(EMBEDDED_CONFIG, "<warm-up>")
-    # glibc's malloc settings are the process's memory: every fork inherits them.
+    # glibc's malloc settings are the process's memory: every fork inherits
+    # them; so does asyncio's event loop policy, made on first use.
     worker_main.keep_freed_memory()
+    asyncio.get_event_loop_policy()
     # Everything imported so far is shared with the workers, copy-on-write:
     # freezing it keeps the collector from touching (and so copying) those pages.
     gc.collect()
