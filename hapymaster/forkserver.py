@@ -4,20 +4,23 @@ A fresh ``python -m hapymaster.worker`` pays for an interpreter and every
 import at each reload (~200 ms on an idle core, 600-700 ms under load). The
 master instead keeps ONE template process (``python -m hapymaster.forkserver``)
 that imported the worker code once and froze it (``gc.freeze()``, so forked
-workers share those pages copy-on-write); a spawn request is one message on
-a SOCK_SEQPACKET socketpair carrying the worker's fds (its end of the control
-socketpair, the listeners) by SCM_RIGHTS, and the answer is the new pid.
+workers share those pages copy-on-write). A spawn request is one message on
+a SOCK_SEQPACKET socketpair for a whole generation: the config text (in a
+memfd) and each worker's end of its control socketpair and the listeners, by
+SCM_RIGHTS; the template parses the config once, the workers inherit it, and
+the answer is their pids.
 
 The master stays every worker's parent and reaper (SIGCHLD, exit statuses):
 it is a child subreaper, and the template double-forks: its direct child
-forks the worker and exits at once, so the kernel hands the worker to the
-master. The worker arms PDEATHSIG only once it is the master's child: one
+forks the workers and exits at once, so the kernel hands them to the
+master. A worker arms PDEATHSIG only once it is the master's child: one
 armed earlier would fire when that intermediate process exits.
 
 After a package upgrade a reload must run the new code: at each reload the
-master compares a cheap signature of the code on disk (a digest of the
-package's .py files, the installed version, the interpreter) with the one
-taken when the template was started, and replaces a stale template first.
+master compares a signature of the code on disk (a digest of the package's
+.py files, the installed version, the interpreter; recomputed only when a
+file's stat changed, ``CodeOnDisk``) with the one taken when the template
+was started, and replaces a stale template first.
 
 This module is both sides: ``ForkServer`` (used by the master, imports only
 the standard library) and ``serve`` (the template, which imports the worker).

@@ -14,16 +14,17 @@ before an await. The lifecycle of a worker:
 
     spawn ──► INIT ──_send_status READY──► READY ──next reload──► LEAVING ──exit──► gone
 
-A worker is in the list from the moment its process exists: what it is
-booted with (config, runtime state) is sent on its socketpair a moment
-later by a small task (``_boot``), but its generation and slot are decided,
-and visible to the two passes, at once.
+A worker is in the list from the moment its process exists: it is forked
+with its config (parsed by the worker template, once per generation), and
+the runtime state it carries over is sent on its socketpair a moment later
+by a small task (``_boot``), but its generation and slot are decided, and
+visible to the two passes, at once.
 
 A reload, top to bottom, is ``Master.reload_once``, run by the supervisor,
 which keeps handling events while the new generation starts:
-RELOADING=1; re-read the config; count the reload on every live worker; bind
-the new addresses; start the new generation (INIT); wait until all of it is
-READY; then READY=1 and the two passes, ``sigterm_workers_over_max_reloads``
+RELOADING=1; ask a current worker for the runtime state; re-read the config;
+count the reload on every live worker; bind the new addresses; start the
+new generation (INIT); wait until all of it is READY; then READY=1 and the two passes, ``sigterm_workers_over_max_reloads``
 and ``soft_stop_previous_generation``. Every way a reload can fail (a bad
 config, a bind error, EMFILE while starting a worker, a worker exiting or
 late, a stop) lands in one ``finally`` that undoes what was done: the new
