@@ -21,10 +21,11 @@ by a small task (``_boot``), but its generation and slot are decided, and
 visible to the two passes, at once.
 
 A reload, top to bottom, is ``Master.reload_once``, run by the supervisor,
-which keeps handling events while the new generation starts:
-RELOADING=1; ask a current worker for the runtime state; re-read the config;
-count the reload on every live worker; bind the new addresses; start the
-new generation (INIT); wait until all of it is READY; then READY=1 and the two passes, ``sigterm_workers_over_max_reloads``
+which keeps handling events while the new generation starts: RELOADING=1;
+ask a current worker for the runtime state; let the current generation yield
+the CPU; re-read the config; count the reload on every live worker; bind the
+new addresses; start the new generation (INIT); wait until all of it is
+READY; then READY=1 and the two passes, ``sigterm_workers_over_max_reloads``
 and ``soft_stop_previous_generation``. Every way a reload can fail (a bad
 config, a bind error, EMFILE while starting a worker, a worker exiting or
 late, a stop) lands in one ``finally`` that undoes what was done: the new
