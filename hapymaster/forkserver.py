@@ -31,9 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
-import hashlib
 import importlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -90,6 +88,9 @@ def _package_dir() -> str:
 
 def installed_version() -> str:
     """The version on disk now: after a package upgrade, new workers run it."""
+    # Imported here, as hashlib below: the master's needs, not the template's,
+    # whose every page each fork copies (with email, zipfile, csv... 1.8 MiB).
+    import importlib.metadata
     try:
         return importlib.metadata.version("hapymaster")
     except importlib.metadata.PackageNotFoundError:
@@ -123,6 +124,7 @@ def code_signature(top: str | None = None, files: list[str] | None = None) -> tu
     template), and the installed version. ``CodeOnDisk`` avoids recomputing
     it at every reload.
     """
+    import hashlib
     top = top or _package_dir()
     digest = hashlib.blake2b(digest_size=16)
     for path in _source_files(top) if files is None else files:
