@@ -22,11 +22,11 @@ visible to the two passes, at once.
 
 A reload, top to bottom, is ``Master.reload_once``, run by the supervisor,
 which keeps handling events while the new generation starts: RELOADING=1;
-ask a current worker for the runtime state; let the current generation yield
-the CPU; re-read the config; count the reload on every live worker; bind the
-new addresses; start the new generation (INIT); wait until all of it is
-READY; then READY=1 and the two passes, ``sigterm_workers_over_max_reloads``
-and ``soft_stop_previous_generation``. Every way a reload can fail (a bad
+ask a current worker for the runtime state; re-read the config; count the
+reload on every live worker; bind the new addresses; start the new
+generation (INIT); wait until all of it is READY; then READY=1 and the two
+passes, ``sigterm_workers_over_max_reloads`` and
+``soft_stop_previous_generation``. Every way a reload can fail (a bad
 config, a bind error, EMFILE while starting a worker, a worker exiting or
 late, a stop) lands in one ``finally`` that undoes what was done: the new
 workers abandoned, the added listeners closed, the reload counts given back,
@@ -45,7 +45,6 @@ import functools
 import json
 import logging
 import os
-import resource
 import signal
 import socket
 import time
@@ -74,13 +73,9 @@ COUNTERS_TIMEOUT = 1.5
 # closed by EOF once they are read. Should another process hold the worker's
 # end open, close ours after this long anyway.
 CHANNEL_LINGER = 2.0
-# How much the serving generation yields the CPU to the one a reload starts,
-# until that one is READY (nice; see Master.yield_cpu).
-RELOAD_NICE_BOOST = 10
 # Asked of systemd beyond the master's own bound on a first start
 # (ready_timeout) or a stop (hard_stop_after): binding, forking and reaping.
 EXTEND_TIMEOUT_MARGIN = 10.0
-CAP_SYS_NICE = 23
 
 
 class WorkerState(enum.Enum):
@@ -246,7 +241,6 @@ class Master:
         self._cli_server: asyncio.AbstractServer | None = None
         self.on_stop: list[Callable[[], None]] = []
         self.forkserver = ForkServer()  # the worker template every worker is forked from
-        self._may_renice = may_raise_priority()
 
     # --- the process list ---------------------------------------------------
 
@@ -723,7 +717,6 @@ class Master:
         # the config is read and the new workers are forked and built; they
         # need it only when their boot message comes, just before READY.
         state = self.read_state()
-        yielded = self.yield_cpu(self.current_workers())
         counted: list[Worker] = []
         added: list[Address] = []
         workers: list[Worker] = []
@@ -748,7 +741,6 @@ class Master:
         except ForkServerError as exc:
             reasons = [str(exc), "the previous workers keep serving"]
         finally:
-            self.restore_cpu(yielded)
             if not ready:
                 self.abandon(workers, "reload failed")
                 self.close_listeners(added)
@@ -757,42 +749,6 @@ class Master:
         if failed is not None:
             return failed
         return self._reload_done(kind, config, text, workers, hard)
-
-    def yield_cpu(self, workers: list[Worker]) -> list[tuple[Worker, int]]:
-        """Lower the priority of the serving workers while a new generation boots.
-
-        Under load they keep their core busy, and the new workers (and the
-        master, the template) would get a fair share of it at best: READY
-        two to three times later. Only done where it can be undone
-        (``restore_cpu``: lowering a nice value back needs CAP_SYS_NICE or
-        RLIMIT_NICE), because a reload that fails leaves them serving.
-        """
-        if not self._may_renice:
-            return []
-        yielded = []
-        for worker in workers:
-            try:
-                nice = os.getpriority(os.PRIO_PROCESS, worker.pid)
-                os.setpriority(os.PRIO_PROCESS, worker.pid, min(19, nice + RELOAD_NICE_BOOST))
-            except OSError:
-                continue
-            yielded.append((worker, nice))
-        return yielded
-
-    def restore_cpu(self, yielded: list[tuple[Worker, int]]) -> None:
-        """Give the workers ``yield_cpu`` lowered their priority back (those still alive).
-
-        Also once they are superseded: soft-stopped, they must finish their
-        connections before hard_stop_after, not starve behind the new ones.
-        """
-        for worker, nice in yielded:
-            if worker in self.processes:
-                try:
-                    os.setpriority(os.PRIO_PROCESS, worker.pid, nice)
-                except ProcessLookupError:
-                    pass
-                except OSError as exc:
-                    log.error("cannot give %s its priority back: %s", worker.describe(), exc)
 
     def count_reload(self) -> list[Worker]:
         """Every live worker lives through one more reload (given back if it fails)."""
@@ -980,20 +936,6 @@ class Master:
         for callback in self.on_stop:
             callback()
         self.release_listeners()
-
-
-def may_raise_priority() -> bool:
-    """True if this process may lower nice values (CAP_SYS_NICE, or RLIMIT_NICE allows 0)."""
-    try:
-        with open("/proc/self/status") as status:
-            caps = next((line.split()[1] for line in status if line.startswith("CapEff:")), "0")
-        if int(caps, 16) & (1 << CAP_SYS_NICE):
-            return True
-    except (OSError, ValueError):
-        pass
-    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
-    # RLIMIT_NICE r allows nice values down to 20 - r.
-    return soft == resource.RLIM_INFINITY or 20 - soft <= os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def describe_status(status: int) -> str:
