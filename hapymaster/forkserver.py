@@ -4,20 +4,23 @@ A fresh ``python -m hapymaster.worker`` pays for an interpreter and every
 import at each reload (~200 ms on an idle core, 600-700 ms under load). The
 master instead keeps ONE template process (``python -m hapymaster.forkserver``)
 that imported the worker code once and froze it (``gc.freeze()``, so forked
-workers share those pages copy-on-write); a spawn request is one message on
-a SOCK_SEQPACKET socketpair carrying the worker's fds (its end of the control
-socketpair, the listeners) by SCM_RIGHTS, and the answer is the new pid.
+workers share those pages copy-on-write). A spawn request is one message on
+a SOCK_SEQPACKET socketpair for a whole generation: the config text (in a
+memfd) and each worker's end of its control socketpair and the listeners, by
+SCM_RIGHTS; the template parses the config once, the workers inherit it, and
+the answer is their pids.
 
 The master stays every worker's parent and reaper (SIGCHLD, exit statuses):
 it is a child subreaper, and the template double-forks: its direct child
-forks the worker and exits at once, so the kernel hands the worker to the
-master. The worker arms PDEATHSIG only once it is the master's child: one
+forks the workers and exits at once, so the kernel hands them to the
+master. A worker arms PDEATHSIG only once it is the master's child: one
 armed earlier would fire when that intermediate process exits.
 
 After a package upgrade a reload must run the new code: at each reload the
-master compares a cheap signature of the code on disk (a digest of the
-package's .py files, the installed version, the interpreter) with the one
-taken when the template was started, and replaces a stale template first.
+master compares a signature of the code on disk (a digest of the package's
+.py files, the installed version, the interpreter; recomputed only when a
+file's stat changed, ``CodeOnDisk``) with the one taken when the template
+was started, and replaces a stale template first.
 
 This module is both sides: ``ForkServer`` (used by the master, imports only
 the standard library) and ``serve`` (the template, which imports the worker).
@@ -37,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -50,9 +54,6 @@ FD_ENV = "HAPYMASTER_FORKSERVER_FD"
 # A spawn is two forks in a process that does nothing else: milliseconds. A
 # template that takes longer is hung, and the master must not wait on it.
 SPAWN_TIMEOUT = 5.0
-# How long a forked worker waits to be handed to the master (the intermediate
-# process exits right after forking it: normally well under a millisecond).
-REPARENT_TIMEOUT = 2.0
 # The kernel's SCM_MAX_FD: the most fds one message may carry.
 MAX_FDS = 253
 MAX_MESSAGE = 65536
@@ -63,6 +64,10 @@ TEMPLATE_NAME = b"hapymaster-tmpl"
 
 class ForkServerError(Exception):
     """The template could not be started or could not fork a worker."""
+
+
+class TemplateGone(ForkServerError):
+    """The template died (killed, OOM) before it could answer: another may be started."""
 
 
 def _package_dir() -> str:
@@ -83,10 +88,8 @@ def _package_dir() -> str:
 
 def installed_version() -> str:
     """The version on disk now: after a package upgrade, new workers run it."""
-    # Imported here, not at the top: the worker template imports this
-    # module, and what the template imports is in every worker's memory
-    # (importlib.metadata brings zipfile, email, csv...: ~1.3 MiB of RSS per
-    # worker). Only the master calls this.
+    # Imported here, as hashlib below: the master's needs, not the template's,
+    # whose every page each fork copies (with email, zipfile, csv... 1.8 MiB).
     import importlib.metadata
     try:
         return importlib.metadata.version("hapymaster")
@@ -94,36 +97,93 @@ def installed_version() -> str:
         return __version__
 
 
-def code_signature() -> tuple[str, ...]:
-    """What the template's code was imported from: changes when an upgrade touched it.
-
-    A digest of the package's .py files' contents (well under a millisecond:
-    ~300 KB from the page cache), not their sizes and mtimes: dpkg gives
-    files the mtime stored in the .deb, which reproducible builds clamp to
-    the changelog date. The interpreter is in it too (a Python update also
-    replaces the template), and the installed version.
-    """
-    import hashlib  # the master's only (see installed_version): ~0.7 MiB in every worker
-    digest = hashlib.blake2b(digest_size=16)
-    top = _package_dir()
+def _source_files(top: str) -> list[str]:
+    """The package's .py files, in a stable order."""
+    found = []
     for directory, subdirs, names in os.walk(top):
         subdirs[:] = sorted(d for d in subdirs if d != "__pycache__")
-        for name in sorted(names):
-            if name.endswith(".py"):
-                path = os.path.join(directory, name)
-                try:
-                    with open(path, "rb") as source:
-                        content = source.read()
-                except OSError:
-                    continue
-                digest.update(f"{os.path.relpath(path, top)}\0{len(content)}\0".encode())
-                digest.update(content)
+        found += [os.path.join(directory, name) for name in sorted(names) if name.endswith(".py")]
+    return found
+
+
+def _interpreter() -> str:
     try:
         st = os.stat(os.path.realpath(sys.executable))
-        interpreter = f"{sys.executable}:{st.st_size}:{st.st_mtime_ns}"
     except OSError:
-        interpreter = sys.executable
-    return (installed_version(), interpreter, top, digest.hexdigest())
+        return sys.executable
+    return f"{sys.executable}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def code_signature(top: str | None = None, files: list[str] | None = None) -> tuple[str, ...]:
+    """What the template's code was imported from: changes when an upgrade touched it.
+
+    A digest of the package's .py files' contents (~300 KB from the page
+    cache, a few ms), not their sizes and mtimes: dpkg gives files the mtime
+    stored in the .deb, which reproducible builds clamp to the changelog
+    date. The interpreter is in it too (a Python update also replaces the
+    template), and the installed version. ``CodeOnDisk`` avoids recomputing
+    it at every reload.
+    """
+    import hashlib
+    top = top or _package_dir()
+    digest = hashlib.blake2b(digest_size=16)
+    for path in _source_files(top) if files is None else files:
+        try:
+            with open(path, "rb") as source:
+                content = source.read()
+        except OSError:
+            continue
+        digest.update(f"{os.path.relpath(path, top)}\0{len(content)}\0".encode())
+        digest.update(content)
+    return (installed_version(), _interpreter(), top, digest.hexdigest())
+
+
+def _stat_of(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class CodeOnDisk:
+    """``code_signature()``, recomputed only when a file's status says it may have changed.
+
+    Reading and hashing every source file, and the installed version from
+    the package metadata, cost ~6 ms of the master's time at each reload, in
+    its critical path; a stat of each file costs ~0.2 ms. The key is each
+    file's inode, size, mtime and *ctime*: dpkg chooses the mtime, but the
+    kernel sets the ctime whenever a file is written, renamed or created
+    (an upgrade unpacks every file anew), and nobody can set it back. Also
+    in the key: the directory that holds the package (a new version's
+    dist-info is created there) and the interpreter.
+
+    Git's "racy clean" problem applies: the ctime has the kernel's coarse
+    granularity (a few ms), so a file written again within that tick after
+    it was looked at would keep its key. A key with a ctime younger than
+    RACY_NS is therefore never kept: the next reload hashes again.
+    """
+
+    RACY_NS = 2_000_000_000
+
+    def __init__(self) -> None:
+        self._known: tuple[tuple[Any, ...], tuple[str, ...]] | None = None
+
+    def signature(self) -> tuple[str, ...]:
+        top = _package_dir()
+        files = _source_files(top)
+        stats = [_stat_of(path) for path in files]
+        key = (top, tuple(files), tuple(stats), _stat_of(os.path.dirname(top)), _interpreter())
+        if self._known is not None and self._known[0] == key:
+            return self._known[1]
+        signature = code_signature(top, files)
+        now = time.time_ns()
+        ctimes = [st[4] for st in stats if st is not None]
+        if all(now - ctime > self.RACY_NS for ctime in ctimes):
+            self._known = (key, signature)
+        else:
+            self._known = None
+        return signature
 
 
 class ForkServer:
@@ -133,9 +193,15 @@ class ForkServer:
         self.sock: socket.socket | None = None
         self.pid: int | None = None
         self.signature: tuple[str, ...] | None = None
+        self.code = CodeOnDisk()
         # A reload's refresh and a worker restart may both find the template
         # gone: one of them starts the next, the other waits for it.
         self._starting = asyncio.Lock()
+
+    @property
+    def version(self) -> str:
+        """The installed version when the template started: what its workers run."""
+        return self.signature[0] if self.signature else installed_version()
 
     def running(self) -> bool:
         """True if the template is up. It never speaks unasked: anything to read is EOF."""
@@ -157,16 +223,18 @@ class ForkServer:
     async def refresh(self, timeout: float) -> None:
         """At a reload: replace the template if the code on disk changed since it started."""
         async with self._starting:
-            if self.running() and self.signature == code_signature():
+            if self.running() and self.signature == self.code.signature():
                 return
             if self.running():
                 log.info("the code on disk changed: replacing the worker template (pid %s)",
                          self.pid)
+            elif self.sock is not None:
+                log.warning("the worker template (pid %s) is gone: starting a new one", self.pid)
             self.close()
             await self._start(timeout)
 
     async def _start(self, timeout: float) -> None:
-        signature = code_signature()  # before the template imports: never newer than its code
+        signature = self.code.signature()  # before the template imports: never newer than its code
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = child_environment()
         env[FD_ENV] = str(theirs.fileno())
@@ -203,23 +271,50 @@ class ForkServer:
         self.sock, self.signature = ours, signature
         log.info("worker template started (pid %d)", process.pid)
 
-    def spawn(self, control: socket.socket, listener_fds: list[int], master_pid: int) -> int:
-        """Fork a worker with these fds; return its pid (the worker is, or soon is, our child).
+    def spawn(self, controls: list[socket.socket], listener_fds: list[int], master_pid: int,
+              generation: int, indexes: list[int], config_path: str,
+              config_text: str) -> list[int]:
+        """Fork one worker per index, each with its control socket; return their pids.
 
-        Blocking, bounded by SPAWN_TIMEOUT: the pid is known before the
+        One request for all of them: the template parses the config text
+        once and its workers inherit the result (each would otherwise parse
+        it again after the fork), and one intermediate process forks them
+        all. The text goes in a memfd, whatever its size (a SOCK_SEQPACKET
+        message must fit the socket buffer).
+
+        Blocking, bounded by SPAWN_TIMEOUT: the pids are known before the
         master's loop runs again, so a worker that exits at once is never an
-        unknown child at SIGCHLD.
+        unknown child at SIGCHLD. Raises TemplateGone if the template died
+        (the caller may start another and ask again), ForkServerError if it
+        could not fork, OSError if the master is out of resources.
         """
         if self.sock is None:
-            raise ForkServerError("the worker template is not running")
-        if len(listener_fds) + 1 > MAX_FDS:
+            raise TemplateGone("the worker template is not running")
+        if len(listener_fds) + len(controls) + 1 > MAX_FDS:
             raise ForkServerError(f"too many listeners for one spawn: {len(listener_fds)}")
-        request = {"master_pid": master_pid, "listener_fds": listener_fds}
+        request = {"master_pid": master_pid, "listener_fds": listener_fds,
+                   "generation": generation, "indexes": indexes, "config_path": config_path}
+        config_fd = os.memfd_create("hapymaster-config", os.MFD_CLOEXEC)
+        try:
+            data = config_text.encode()
+            while data:
+                data = data[os.write(config_fd, data):]
+            answer = self._ask(request, [config_fd, *(c.fileno() for c in controls), *listener_fds])
+        finally:
+            os.close(config_fd)
+        pids = answer.get("pids")
+        if not isinstance(pids, list) or len(pids) != len(indexes):
+            raise ForkServerError(f"the worker template cannot fork the workers: "
+                                  f"{answer.get('error')}")
+        return [int(pid) for pid in pids]
+
+    def _ask(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """One request, one answer, blocking for at most SPAWN_TIMEOUT."""
         sock = self.sock
+        assert sock is not None
         try:
             sock.settimeout(SPAWN_TIMEOUT)
-            socket.send_fds(sock, [json.dumps(request).encode()],
-                            [control.fileno(), *listener_fds])
+            socket.send_fds(sock, [json.dumps(request).encode()], fds)
             answer = sock.recv(MAX_MESSAGE)
         except socket.timeout:
             self.close()
@@ -227,22 +322,20 @@ class ForkServer:
                 os.kill(self.pid, signal.SIGKILL)  # hung, so not reaped yet
             raise ForkServerError(f"the worker template (pid {self.pid}) did not answer a "
                                   f"spawn within {SPAWN_TIMEOUT:g}s") from None
-        except OSError as exc:
+        except (BrokenPipeError, ConnectionResetError) as exc:
             self.close()
-            raise ForkServerError(f"the worker template did not answer a spawn: {exc}") from None
+            raise TemplateGone(f"the worker template exited: {exc}") from None
         finally:
             if self.sock is not None:
                 sock.setblocking(False)
         if not answer:
             self.close()
-            raise ForkServerError("the worker template exited during a spawn")
+            raise TemplateGone("the worker template exited during a spawn")
         try:
             reply = json.loads(answer)
         except ValueError:
             reply = {"error": f"a malformed answer {answer[:80]!r}"}
-        if "pid" not in reply:
-            raise ForkServerError(f"the worker template cannot fork a worker: {reply.get('error')}")
-        return int(reply["pid"])
+        return reply if isinstance(reply, dict) else {"error": f"a malformed answer {answer[:80]!r}"}
 
     def close(self) -> None:
         """The template exits when its socket closes (the master reaps it)."""
@@ -254,7 +347,7 @@ class ForkServer:
 # --- the template process ----------------------------------------------------
 
 def serve(fd: int) -> int:
-    """The template: import the worker once, then fork one worker per request."""
+    """The template: import the worker once, then fork the workers each request asks for."""
     sock = socket.socket(fileno=fd)
     setup_logging("worker")
     with open("/proc/self/comm", "rb") as comm:
@@ -265,7 +358,7 @@ def serve(fd: int) -> int:
     try:
         # Everything the worker imports, here, before any fork: that is the point.
         from hapymaster.worker import __main__ as worker_main
-        from hapymaster.config import EMBEDDED_CONFIG, parse_config
+        from hapymaster.config import EMBEDDED_CONFIG, ConfigError, parse_config
     except BaseException as exc:  # noqa: BLE001 - a broken upgrade must say what broke
         traceback.print_exc()
         why = f"{type(exc).__name__}: {exc}"
@@ -277,6 +370,10 @@ def serve(fd: int) -> int:
     # for all workers (measured: -0.7 ms CPU of the ~4.5 ms a forked worker
     # spends parsing a small config).
     parse_config(EMBEDDED_CONFIG, "<warm-up>")
+    # glibc's malloc settings are the process's memory: every fork inherits
+    # them; so does asyncio's event loop policy, made on first use.
+    worker_main.keep_freed_memory()
+    asyncio.get_event_loop_policy()
     # Everything imported so far is shared with the workers, copy-on-write:
     # freezing it keeps the collector from touching (and so copying) those pages.
     gc.collect()
@@ -289,11 +386,25 @@ def serve(fd: int) -> int:
             return 1
         if not data:
             return 0   # the master closed its end: it is stopping or replaced us
+        reply: dict[str, Any]
         try:
             request = json.loads(data)
-            reply: dict[str, Any] = {"pid": _fork_worker(sock, fds, request, worker_main.run,
-                                                         worker_name)}
-        except (OSError, ValueError) as exc:
+            if "indexes" in request:
+                reply = {"pids": _fork_generation(sock, fds, request, worker_main, parse_config,
+                                                  worker_name)}
+            else:
+                # A master older than this template (after an upgrade the
+                # postinst reloads the master still running the old code):
+                # one worker per request, which reads its config text itself.
+                if not fds:
+                    raise ValueError("a spawn request without the control fd")
+                fd_map = dict(zip(request.get("listener_fds") or [], fds[1:]))
+                reply = {"pid": _fork_workers(sock, fds, [(fds[0], None)], fd_map,
+                                              int(request["master_pid"]), worker_main.run,
+                                              worker_name)[0]}
+        except ConfigError as exc:
+            reply = {"error": "; ".join(exc.errors)}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             reply = {"error": str(exc)}
         finally:
             for received in fds:
@@ -304,61 +415,100 @@ def serve(fd: int) -> int:
             return 1   # the master is gone
 
 
+def _fork_generation(sock: socket.socket, fds: list[int], request: dict[str, Any],
+                     worker_main: Any, parse_config: Any, name: bytes) -> list[int]:
+    """The workers of one request: fds are the config memfd, one control fd per index,
+    then the listeners."""
+    indexes = [int(index) for index in request["indexes"]]
+    if len(fds) < 1 + len(indexes):
+        raise ValueError("a spawn request without its config and control fds")
+    with os.fdopen(os.dup(fds[0]), "rb") as source:
+        source.seek(0)
+        text = source.read().decode()
+    # Parsed once here, inherited by every worker of the request.
+    config = parse_config(text, str(request.get("config_path", "")))
+    master_pid = int(request["master_pid"])
+    generation = int(request["generation"])
+    controls = fds[1:1 + len(indexes)]
+    fd_map = dict(zip(request.get("listener_fds") or [], fds[1 + len(indexes):]))
+    children = [(control, worker_main.Preforked(config, generation, index, master_pid))
+                for control, index in zip(controls, indexes)]
+    return _fork_workers(sock, fds, children, fd_map, master_pid, worker_main.run, name)
 
-def _fork_worker(sock: socket.socket, fds: list[int], request: dict[str, Any],
-                 run: Any, name: bytes) -> int:
-    """Double fork: the worker's parent exits at once, so the master adopts it."""
-    if not fds:
-        raise ValueError("a spawn request without the control fd")
+
+def _fork_workers(sock: socket.socket, fds: list[int], children: list[tuple[int, Any]],
+                  fd_map: dict[int, int], master_pid: int, run: Any, name: bytes) -> list[int]:
+    """Double fork: one intermediate process forks every worker and exits at once,
+    so the master adopts them. ``children``: (control fd, what the worker is told)."""
     read_end, write_end = os.pipe()
     middle = os.fork()
     if middle == 0:
         try:
             os.close(read_end)
-            # Before the worker exists: it is never the master's child under our name.
+            # Before the workers exist: they are never the master's children under our name.
             set_process_name(name)   # the interpreter's, as a `python -m` worker has
-            # Read by `python -m hapymaster.worker`; set here so a worker
-            # looks the same both ways (the tests' fault hooks look for it).
-            os.environ["HAPYMASTER_CONTROL_FD"] = str(fds[0])
-            worker = os.fork()
-            if worker == 0:
-                os.close(write_end)
-                _worker_child(sock, fds, request, run)
-            os.write(write_end, b"%d" % worker)
+            for control, preforked in children:
+                # Read by `python -m hapymaster.worker`; set here so a worker
+                # looks the same both ways (the tests' fault hooks look for it).
+                os.environ["HAPYMASTER_CONTROL_FD"] = str(control)
+                worker = os.fork()
+                if worker == 0:
+                    os.close(write_end)
+                    _worker_child(sock, fds, control, fd_map, master_pid, preforked, run)
+                os.write(write_end, b"%d\n" % worker)
         except OSError as exc:
-            os.write(write_end, f"-{exc}".encode())
+            os.write(write_end, f"-{exc}\n".encode())
         finally:
             os._exit(0)
     os.close(write_end)
     try:
-        answer = os.read(read_end, 512).decode()
+        # Not to EOF: until every pid (or an error) came. A worker holds the
+        # write end from its fork until it closes it, which a worker stuck
+        # in an at-fork hook never does.
+        answer = b""
+        while answer.count(b"\n") < len(children) and b"-" not in answer:
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
+            answer += chunk
     finally:
         os.close(read_end)
         os.waitpid(middle, 0)
-    if not answer or answer.startswith("-"):
-        raise OSError(f"cannot fork a worker: {answer[1:] or 'the intermediate process died'}")
-    return int(answer)
+    lines = answer.decode().split()
+    pids = [int(line) for line in lines if not line.startswith("-")]
+    if len(pids) == len(children):
+        return pids
+    # If one worker cannot be forked, none is: those forked are the master's
+    # children by now, unknown to it; it reaps them as strangers.
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    error = next((line[1:] for line in lines if line.startswith("-")), "")
+    raise OSError(f"cannot fork a worker: {error or 'the intermediate process died'}")
 
 
-def _worker_child(sock: socket.socket, fds: list[int], request: dict[str, Any],
-                  run: Any) -> None:
+def _worker_child(sock: socket.socket, fds: list[int], control: int, fd_map: dict[int, int],
+                  master_pid: int, preforked: Any, run: Any) -> None:
     """The forked worker: undo what is the template's, then the worker's own main."""
     code: Any = 1
     try:
         sock.close()
+        # Only its own control socket and the listeners: a sibling's control
+        # socket held here would hide that sibling's exit from the master (no EOF).
+        for fd in set(fds) - {control, *fd_map.values()}:
+            os.close(fd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         # `random` reseeds itself after fork (os.register_at_fork); no event
-        # loop exists in the template, so run() makes a fresh one.
-        master_pid = int(request["master_pid"])
-        die_with_reaper(master_pid, REPARENT_TIMEOUT)
-        fd_map = dict(zip(request.get("listener_fds") or [], fds[1:]))
+        # loop exists in the template, so run() makes a fresh one. The death
+        # signal is armed by run() once the master adopted us.
+        if preforked is None:
+            die_with_reaper(master_pid)
         if os.environ.get("HAPYMASTER_PROFILE"):
             import cProfile
             profile = cProfile.Profile()
-            code = profile.runcall(run, fds[0], fd_map)
+            code = profile.runcall(run, control, fd_map, preforked)
             profile.dump_stats(os.environ["HAPYMASTER_PROFILE"])
         else:
-            code = run(fds[0], fd_map)
+            code = run(control, fd_map, preforked)
     except SystemExit as exc:
         code = exc.code
     except BaseException:  # noqa: BLE001 - never fall back into the template's loop

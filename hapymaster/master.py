@@ -14,17 +14,19 @@ before an await. The lifecycle of a worker:
 
     spawn ──► INIT ──_send_status READY──► READY ──next reload──► LEAVING ──exit──► gone
 
-A worker is in the list from the moment its process exists: what it is
-booted with (config, runtime state) is sent on its socketpair a moment
-later by a small task (``_boot``), but its generation and slot are decided,
-and visible to the two passes, at once.
+A worker is in the list from the moment its process exists: it is forked
+with its config (parsed by the worker template, once per generation), and
+the runtime state it carries over is sent on its socketpair a moment later
+by a small task (``_boot``), but its generation and slot are decided, and
+visible to the two passes, at once.
 
 A reload, top to bottom, is ``Master.reload_once``, run by the supervisor,
-which keeps handling events while the new generation starts:
-RELOADING=1; re-read the config; count the reload on every live worker; bind
-the new addresses; start the new generation (INIT); wait until all of it is
-READY; then READY=1 and the two passes, ``sigterm_workers_over_max_reloads``
-and ``soft_stop_previous_generation``. Every way a reload can fail (a bad
+which keeps handling events while the new generation starts: RELOADING=1;
+ask a current worker for the runtime state; re-read the config; count the
+reload on every live worker; bind the new addresses; start the new
+generation (INIT); wait until all of it is READY; then READY=1 and the two
+passes, ``sigterm_workers_over_max_reloads`` and
+``soft_stop_previous_generation``. Every way a reload can fail (a bad
 config, a bind error, EMFILE while starting a worker, a worker exiting or
 late, a stop) lands in one ``finally`` that undoes what was done: the new
 workers abandoned, the added listeners closed, the reload counts given back,
@@ -60,7 +62,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from . import __version__, messages, reexec
 from .config import Address, Config, ConfigError, parse_config, read_config
 from .counters import CounterBook, Part
-from .forkserver import ForkServer, ForkServerError, installed_version
+from .forkserver import ForkServer, ForkServerError, TemplateGone, installed_version
 from .pdeathsig import become_subreaper
 from .sdnotify import (child_environment, extend_timeout, monotonic_usec, notify,
                        watchdog_interval)
@@ -364,16 +366,20 @@ class Master:
 
     # --- starting workers -----------------------------------------------------
 
-    def _start_process(self, control: socket.socket, listener_fds: list[int]) -> int:
-        """Create the OS process of one worker and return its pid.
+    def _start_processes(self, controls: list[socket.socket], listener_fds: list[int],
+                         generation: int, indexes: list[int], config: Config,
+                         text: str) -> list[int]:
+        """Create the OS processes of workers and return their pids.
 
-        The worker gets ``control`` (its end of the socketpair) and the
-        listening sockets; it reads its boot message on ``control``. This is
-        the only place that knows how a worker process comes to exist: it is
-        forked by the worker template (``hapymaster.forkserver``), which must
-        be running (``_template_ready``). Raises ForkServerError or OSError.
+        Each worker gets its control socket (its end of the socketpair) and
+        the listening sockets; it reads its boot message on the control
+        socket. This is the only place that knows how a worker process comes
+        to exist: forked by the worker template (``hapymaster.forkserver``),
+        which must be running (``_template_ready``), all of one request in
+        one go. Raises ForkServerError (TemplateGone: it died) or OSError.
         """
-        return self.forkserver.spawn(control, listener_fds, os.getpid())
+        return self.forkserver.spawn(controls, listener_fds, os.getpid(), generation, indexes,
+                                     config.source, text)
 
     async def _template_ready(self, timeout: float, refresh: bool) -> None:
         """Have a worker template running (``refresh``: one of the code on disk now).
@@ -388,36 +394,47 @@ class Master:
             raise ForkServerError(f"the worker template was not ready within {timeout:g}s")
         task.result()
 
-    def spawn_worker(self, generation: int, index: int, config: Config, text: str,
-                     state: "asyncio.Future[Any]") -> Worker:
-        """Start one worker, in the process list (INIT) when this returns.
+    def spawn_workers(self, generation: int, indexes: list[int], config: Config, text: str,
+                      state: "asyncio.Future[Any]") -> list[Worker]:
+        """Start the workers of these slots, in the process list (INIT) when this returns.
 
-        Raises OSError when the process cannot be made (EMFILE, EAGAIN...),
-        ForkServerError when the worker template cannot fork it.
+        Raises OSError when the processes cannot be made (EMFILE, EAGAIN...),
+        ForkServerError when the worker template cannot fork them; then none
+        was started.
         """
         wanted = set(self.wanted_addresses(config))
         listeners = [(str(address), sock.fileno()) for address, sock in self.listeners.items()
                      if address in wanted]
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pairs: list[tuple[socket.socket, socket.socket]] = []
         started_at = time.monotonic()  # "READY in" counts the fork too
         try:
-            pid = self._start_process(child_end, [fd for _, fd in listeners])
+            for _ in indexes:
+                pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
+            pids = self._start_processes([child for _, child in pairs],
+                                         [fd for _, fd in listeners], generation, indexes,
+                                         config, text)
         except BaseException:
-            parent_end.close()
+            for parent_end, _ in pairs:
+                parent_end.close()
             raise
         finally:
-            child_end.close()
-        worker = Worker(pid=pid, generation=generation, index=index,
-                        version=installed_version(), started_at=started_at)
-        self.processes.append(worker)
-        log.info("started %s", worker.describe(),
-                 extra={"HAPYMASTER_GENERATION": str(generation),
-                        "HAPYMASTER_WORKER_PID": str(pid)})
-        boot = functools.partial(messages.boot, generation=generation, index=index,
-                                 master_pid=os.getpid(), config_path=config.source,
-                                 config_text=text, listeners=listeners)
-        asyncio.ensure_future(self._boot(worker, parent_end, boot, state))
-        return worker
+            for _, child_end in pairs:
+                child_end.close()
+        workers = []
+        for index, pid, (parent_end, _) in zip(indexes, pids, pairs):
+            worker = Worker(pid=pid, generation=generation, index=index,
+                            version=self.forkserver.version, started_at=started_at)
+            self.processes.append(worker)
+            workers.append(worker)
+            log.info("started %s", worker.describe(),
+                     extra={"HAPYMASTER_GENERATION": str(generation),
+                            "HAPYMASTER_WORKER_PID": str(pid)})
+            # No config text: the template parsed it for its workers.
+            boot = functools.partial(messages.boot, generation=generation, index=index,
+                                     master_pid=os.getpid(), config_path=config.source,
+                                     config_text=None, listeners=listeners)
+            asyncio.ensure_future(self._boot(worker, parent_end, boot, state))
+        return workers
 
     async def _boot(self, worker: Worker, sock: socket.socket,
                     boot: Callable[..., dict[str, Any]], state: "asyncio.Future[Any]") -> None:
@@ -456,21 +473,28 @@ class Master:
             return self._last_state
         return asyncio.ensure_future(read())
 
-    def start_generation(self, config: Config, text: str) -> list[Worker]:
-        """Start the next generation, INIT. If one worker cannot be started, none is."""
+    async def start_generation(self, config: Config, text: str,
+                               state: "asyncio.Future[Any]") -> list[Worker]:
+        """Start the next generation, INIT. If one worker cannot be started, none is.
+
+        A template that died since it was last looked at (killed, OOM) is
+        found only when asked to fork: then a new one is started and asked
+        once more, instead of failing the reload.
+        """
         self.last_generation += 1
-        state = self.read_state()
-        workers: list[Worker] = []
+        indexes = list(range(1, config.global_.workers + 1))
+        timeout = config.global_.ready_timeout
         try:
-            for index in range(1, config.global_.workers + 1):
-                workers.append(self.spawn_worker(self.last_generation, index, config, text,
-                                                 state))
+            try:
+                return self.spawn_workers(self.last_generation, indexes, config, text, state)
+            except TemplateGone as exc:
+                log.warning("%s: starting a new one for generation %d", exc, self.last_generation)
+                await self._template_ready(timeout, refresh=True)
+                return self.spawn_workers(self.last_generation, indexes, config, text, state)
         except (OSError, ForkServerError) as exc:
-            self.abandon(workers, "its generation could not be started")
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ReloadFailed(f"cannot start worker #{len(workers) + 1}: {reason}",
-                               "the previous workers keep serving") from None
-        return workers
+            raise ReloadFailed(f"cannot start the workers of generation {self.last_generation}: "
+                               f"{reason}", "the previous workers keep serving") from None
 
     def abandon(self, workers: list[Worker], why: str) -> None:
         """Stop the workers of a generation that failed to start.
@@ -558,7 +582,8 @@ class Master:
 
     def _reconcile(self) -> None:
         """What should exist against what does: the current generation's slots."""
-        if self.stopping or self._start_failed:
+        # Generation 0: the first one is not started yet, there is nothing to restart.
+        if self.stopping or self._start_failed or self.generation == 0:
             return
         now = time.monotonic()
         current = {w.index: w for w in self.current_workers()}
@@ -594,8 +619,8 @@ class Master:
             self._schedule_restart(index)
             return
         try:
-            worker = self.spawn_worker(self.generation, index, self.config, self.config_text,
-                                       self.read_state())
+            worker = self.spawn_workers(self.generation, [index], self.config, self.config_text,
+                                        self.read_state())[0]
         except (OSError, ForkServerError) as exc:
             log.error("cannot restart worker #%d: %s", index, exc)
             self._start_template(f"cannot restart worker #{index}")
@@ -684,7 +709,7 @@ class Master:
         """
         self.bind_new_listeners(self.config)
         await self._template_ready(self.config.global_.ready_timeout, refresh=False)
-        workers = self.start_generation(self.config, self.config_text)
+        workers = await self.start_generation(self.config, self.config_text, self.read_state())
         self.generation = self.last_generation
         timeout = self.config.global_.ready_timeout
 
@@ -730,6 +755,10 @@ class Master:
         notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}",
                f"STATUS=Reloading ({kind} #{self.reloads + 1})")
         log.info("%s requested: reading %s", kind, self.config_path or "the embedded config")
+        # Asked first: a busy worker of the current generation answers while
+        # the config is read and the new workers are forked and built; they
+        # need it only when their boot message comes, just before READY.
+        state = self.read_state()
         counted: list[Worker] = []
         added: list[Address] = []
         workers: list[Worker] = []
@@ -742,7 +771,7 @@ class Master:
             added = self.bind_new_listeners(config)
             # After an upgrade the new generation must run the new code.
             await self._template_ready(config.global_.ready_timeout, refresh=True)
-            workers = self.start_generation(config, text)
+            workers = await self.start_generation(config, text, state)
             await self._until(lambda: self.stopping or self._settled(workers),
                               time.monotonic() + config.global_.ready_timeout)
             self.check_ready(workers, config.global_.ready_timeout)

@@ -11,7 +11,9 @@ worker gets the other end at birth. On it, newline-delimited, both ways:
   type            direction         meaning
   ==============  ================  ===========================================
   ``boot``        master → worker   the first line: generation, index, config
-                                    text, listener fds, runtime state
+                                    text (not for a worker the template forked
+                                    with the config parsed), listener fds,
+                                    runtime state
   ``cli``         master → worker   request: run a worker CLI ``command``;
                                     answered by ``cli_reply`` (``output``)
   ``gather``      worker → master   request: ``command`` ``_counters`` of
@@ -61,13 +63,20 @@ def encode(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def boot(*, generation: int, index: int, master_pid: int, config_path: str, config_text: str,
-         listeners: list[tuple[str, int]], state: Any) -> dict[str, Any]:
-    """The first line a worker reads (hapymaster.worker.__main__.read_boot)."""
-    return {"type": BOOT, "generation": generation, "index": index, "master_pid": master_pid,
-            "config_path": config_path, "config_text": config_text,
-            "listeners": [{"address": address, "fd": fd} for address, fd in listeners],
-            "state": state}
+def boot(*, generation: int, index: int, master_pid: int, config_path: str,
+         config_text: str | None, listeners: list[tuple[str, int]], state: Any) -> dict[str, Any]:
+    """The first line a worker reads (hapymaster.worker.__main__.read_boot).
+
+    ``config_text`` None: the worker was forked with its config already
+    parsed (the template parses it once per spawn request), so it is not sent.
+    """
+    message = {"type": BOOT, "generation": generation, "index": index, "master_pid": master_pid,
+               "config_path": config_path,
+               "listeners": [{"address": address, "fd": fd} for address, fd in listeners],
+               "state": state}
+    if config_text is not None:
+        message["config_text"] = config_text
+    return message
 
 
 class Channel(asyncio.Protocol):

@@ -12,6 +12,9 @@ _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
+# How long a forked worker waits to be handed to the master (the intermediate
+# process exits right after forking it: normally well under a millisecond).
+REPARENT_TIMEOUT = 2.0
 
 
 def become_subreaper() -> None:
@@ -40,7 +43,8 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
-def die_with_reaper(reaper_pid: int, timeout: float, sig: int = signal.SIGKILL) -> None:
+def die_with_reaper(reaper_pid: int, timeout: float = REPARENT_TIMEOUT,
+                    sig: int = signal.SIGKILL) -> None:
     """``die_with_parent`` for a process whose own parent is exiting so that
     ``reaper_pid`` (a child subreaper) adopts it: the worker template's double fork.
 

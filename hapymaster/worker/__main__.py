@@ -2,11 +2,14 @@
 template (hapymaster/forkserver.py), or ``python -m hapymaster.worker`` (a
 fresh interpreter: tests, debugging), which calls the same ``run()``.
 
-1. Read the boot message (one JSON line) from the control socketpair whose fd
-   is in HAPYMASTER_CONTROL_FD.
-2. Parse the config text the master validated, drop privileges if asked.
-3. Build backends and frontends, attach to the inherited listeners, start
-   health checks, apply the previous generation's state.
+1. Forked: the config the template parsed comes with the fork. Fresh
+   interpreter: read the boot message (one JSON line) from the control
+   socketpair whose fd is in HAPYMASTER_CONTROL_FD and parse the config text
+   the master validated.
+2. Drop privileges if asked; build backends and frontends.
+3. Forked: now read the boot message (the master sends it once it has the
+   previous generation's runtime state). Apply that state, attach to the
+   inherited listeners, start health checks.
 4. Send ``_send_status READY`` and enter the event loop.
 Anything that fails before READY is logged and exits 1: the master then fails
 the reload (or the start) and keeps the old workers.
@@ -23,10 +26,11 @@ import os
 import pwd
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from hapymaster.config import Config, ConfigError, parse_config
-from hapymaster.pdeathsig import die_with_parent
+from hapymaster.pdeathsig import die_with_reaper
 from hapymaster.sdnotify import setup_logging
 # Everything the worker will ever import is imported here, before privileges
 # are dropped: afterwards the interpreter's own library may not be readable
@@ -115,29 +119,53 @@ def main() -> int:
     return run(int(fd_text))
 
 
-def run(control_fd: int, fd_map: dict[int, int] | None = None) -> int:
+@dataclass(frozen=True)
+class Preforked:
+    """What a worker forked by the template knows at birth (hapymaster.forkserver):
+    the config, parsed once by the template for the whole generation, and who it is."""
+    config: Config
+    generation: int
+    index: int
+    master_pid: int
+
+
+def run(control_fd: int, fd_map: dict[int, int] | None = None,
+        preforked: Preforked | None = None) -> int:
     """The worker's life, from the boot message to its exit code.
 
     ``fd_map`` maps the master's listener fd numbers (those the boot message
     names) to this process's: a forked worker received them by SCM_RIGHTS,
     under other numbers. None: inherited across exec, same numbers.
+    ``preforked``: forked by the template, which parsed the config; the
+    worker then builds everything before it reads the boot message, which
+    the master sends once it has the runtime state to carry over (from a
+    worker of the previous generation): the two overlap.
     """
-    setup_logging("worker")
     control_sock = socket.socket(fileno=control_fd)
     control_sock.setblocking(True)
-    try:
-        boot, leftover = read_boot(control_sock)
-    except (OSError, ValueError, RuntimeError) as exc:
-        log.error("cannot read the boot message: %s", exc)
-        return 1
-    generation = int(boot.get("generation") or 0)
-    setup_logging("worker", generation)
-    try:
-        config = parse_config(str(boot.get("config_text", "")), str(boot.get("config_path", "")))
-    except ConfigError as exc:
-        for error in exc.errors:
-            log.error("%s", error)
-        return 1
+    boot: dict[str, Any] | None = None
+    leftover = b""
+    if preforked is None:
+        setup_logging("worker")
+        try:
+            boot, leftover = read_boot(control_sock)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.error("cannot read the boot message: %s", exc)
+            return 1
+        generation = int(boot.get("generation") or 0)
+        index, master_pid = int(boot.get("index") or 1), int(boot.get("master_pid") or 0)
+        setup_logging("worker", generation)
+        try:
+            config = parse_config(str(boot.get("config_text", "")),
+                                  str(boot.get("config_path", "")))
+        except ConfigError as exc:
+            for error in exc.errors:
+                log.error("%s", error)
+            return 1
+    else:
+        config, generation = preforked.config, preforked.generation
+        index, master_pid = preforked.index, preforked.master_pid
+        setup_logging("worker", generation)
     try:
         # Before dropping privileges: a log file may be writable by root only.
         access_sink = open_sink(config.global_.access_log, generation)
@@ -150,16 +178,23 @@ def run(control_fd: int, fd_map: dict[int, int] | None = None) -> int:
         log.error("cannot drop privileges to user %r group %r: %s", config.global_.user,
                   config.global_.group, exc)
         return 1
-    master_pid = int(boot.get("master_pid") or 0)
     if master_pid:
-        die_with_parent(master_pid)  # the kernel forgot it if we changed uid/gid
+        # Armed (again) here: the kernel forgets it when the uid or gid
+        # changes; and a forked worker arms it only once the master adopted
+        # it (its intermediate parent exits right after the fork).
+        die_with_reaper(master_pid)
 
-    keep_freed_memory()
+    if preforked is None:
+        keep_freed_memory()     # a forked worker has the template's malloc settings
     loop = new_loop()
     asyncio.set_event_loop(loop)
-    worker = Worker(config, loop, generation, int(boot.get("index") or 1),
-                    int(boot.get("master_pid") or 0),
-                    AccessLog(loop, access_sink))
+    worker = Worker(config, loop, generation, index, master_pid, AccessLog(loop, access_sink))
+    if boot is None:
+        try:
+            boot, leftover = read_boot(control_sock)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.error("cannot read the boot message: %s", exc)
+            return 1
     try:
         apply_state(worker, boot.get("state"))
         listeners = list(boot.get("listeners") or [])

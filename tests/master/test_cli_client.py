@@ -33,6 +33,26 @@ def test_reload_and_ctl_import_almost_nothing(master_factory, http_backend):
     code, answer, modules = run_client("reload", "-S", master.socket_path)
     assert code == 0 and answer.startswith("Success=1"), answer
     assert not [name for name in HEAVY if name in modules], sorted(modules)
+    # The reload as systemd runs it: not even argparse or the socket module.
+    assert not {"argparse", "socket"} & modules, sorted(modules)
     code, answer, modules = run_client("ctl", "-S", master.socket_path, "show", "proc")
     assert code == 0 and "# workers" in answer
     assert not [name for name in HEAVY if name in modules], sorted(modules)
+
+
+def test_reload_arguments_beyond_the_plain_forms_still_go_through_argparse(master_factory,
+                                                                            http_backend):
+    backend = http_backend("s1")
+    master = master_factory(http_config(free_port(), [backend.address]))
+    code, answer, modules = run_client("reload", "--hard", "-S", master.socket_path)
+    assert code == 0 and answer.startswith("Success=1"), answer
+    assert "argparse" not in modules
+    code, answer, modules = run_client("reload", f"-S{master.socket_path}")
+    assert code == 0 and answer.startswith("Success=1"), answer
+    assert "argparse" in modules                  # the attached form: argparse reads it
+    out = subprocess.run([sys.executable, "-m", "hapymaster", "reload", "-S"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "argument -S: expected one argument" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "hapymaster", "reload", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--hard" in out.stdout

@@ -189,9 +189,13 @@ def test_reload_adds_and_removes_listeners(master_factory, http_backend):
         socket.create_connection(("127.0.0.1", extra), timeout=2).close()
 
 
-def test_coalesced_reloads(master_factory, http_backend):
+def test_coalesced_reloads(master_factory, http_backend, tmp_path):
     backend = http_backend("a")
     master = master_factory(http_config(free_port(), [backend.address]))
+    # The first reload lasts a second (a reload is tens of milliseconds
+    # otherwise, over before the six requests are all in): the others come
+    # while it runs.
+    worker_fault(tmp_path, "slow-start", "1")
     results: list[str] = []
     threads = [threading.Thread(target=lambda: results.append(master.reload())) for _ in range(6)]
     for thread in threads:

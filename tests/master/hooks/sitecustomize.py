@@ -16,9 +16,13 @@ the worker, so its intermediate process is left alone):
 - ``template-hang-at-start``: the worker template hangs before it is ready;
 - ``reexec-slow-start``: the master's new image, right after a re-exec, sleeps
   as many seconds as the file says before anything else runs.
+- ``template-exit-at-spawn``: the next worker template to receive a spawn
+  request takes the file (renamed, so only one does) and exits with status 3
+  without answering, as a template killed just before a reload would.
 """
 
 import os
+import socket
 import time
 
 _hooks = os.environ.get("HAPYMASTER_TEST_HOOKS")
@@ -53,5 +57,17 @@ if _hooks:
             os._exit(3)
         if os.path.exists(os.path.join(_hooks, "template-hang-at-start")):
             time.sleep(3600)
+        _recv_fds = socket.recv_fds
+
+        def _recv_fds_or_exit(*args, **kwargs):  # type: ignore[no-untyped-def]
+            received = _recv_fds(*args, **kwargs)
+            try:
+                os.rename(os.path.join(_hooks, "template-exit-at-spawn"),
+                          os.path.join(_hooks, f"template-exit-at-spawn.taken-by-{os.getpid()}"))
+            except OSError:
+                return received
+            os._exit(3)
+
+        socket.recv_fds = _recv_fds_or_exit
     _worker_faults()
     os.register_at_fork(after_in_child=_worker_faults)
