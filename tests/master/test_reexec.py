@@ -14,8 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from master_harness import (HOOKS, copy_of_package, free_port, http_config, http_get, pid_alive,
-                            tcp_config, wait_for, worker_fault)
+from master_harness import (HOOKS, connection_owner, copy_of_package, free_port, http_config,
+                            http_get, pid_alive, tcp_config, wait_for, worker_fault)
 
 
 def listen_inode(port: int) -> str:
@@ -51,6 +51,19 @@ def master_line(master) -> list[str]:  # type: ignore[no-untyped-def]
 
 def reloads_of(master, pid: int) -> int:  # type: ignore[no-untyped-def]
     return next(p.reloads for p in master.show_proc() if p.pid == pid)
+
+
+def connection_on(port: int, pid: int, pids: list[int]) -> socket.socket:
+    """A client connection that worker ``pid`` serves. Just after a reload, the
+    generation it replaced may still accept one before its SIGUSR1 is handled
+    (it then finishes it): such a connection is closed and another one made."""
+    for _ in range(100):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert echo_once(sock, b"which\n") == b"which\n"
+        if connection_owner(sock, pids) == pid:
+            return sock
+        sock.close()
+    raise AssertionError(f"no connection reached worker {pid}")
 
 
 def echo_once(sock: socket.socket, data: bytes) -> bytes:
@@ -125,7 +138,7 @@ def test_reload_upgrade_reexecutes_the_master_in_place(master_factory, echo_back
     assert echo_once(held_first, b"one\n") == b"one\n"
     assert master.reload().startswith("Success=1")
     [second] = master.workers()
-    held_second = socket.create_connection(("127.0.0.1", port), timeout=10)
+    held_second = connection_on(port, second, [first, second])
     assert echo_once(held_second, b"two\n") == b"two\n"
     assert master.signals_sent() == [("SIGUSR1", first)]
     assert reloads_of(master, first) == 1 and reloads_of(master, second) == 0
