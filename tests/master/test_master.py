@@ -171,7 +171,11 @@ def test_reload_picks_up_new_config(master_factory, http_backend):
     assert http_get(port)[1].startswith("first")
     master.write_config(http_config(port, [second.address]))
     assert master.reload().startswith("Success=1")
-    assert http_get(port)[1].startswith("second")
+    # The answer comes once the new generation is READY and the old one has
+    # been sent SIGUSR1; until it handles it (microseconds, more on a loaded
+    # machine) it may still accept a connection, and serves it: no error,
+    # the old config. After that, only the new config serves.
+    wait_for(lambda: http_get(port)[1].startswith("second"), 10, "the new config to serve")
 
 
 def test_reload_adds_and_removes_listeners(master_factory, http_backend):
