@@ -147,43 +147,60 @@ def _stat_of(path: str) -> tuple[int, ...] | None:
 
 
 class CodeOnDisk:
-    """``code_signature()``, recomputed only when a file's status says it may have changed.
+    """``code_signature()`` and the installed version, looked up again only when
+    a stat says they may have changed.
 
-    Reading and hashing every source file, and the installed version from
-    the package metadata, cost ~6 ms of the master's time at each reload, in
-    its critical path; a stat of each file costs ~0.2 ms. The key is each
-    file's inode, size, mtime and *ctime*: dpkg chooses the mtime, but the
-    kernel sets the ctime whenever a file is written, renamed or created
-    (an upgrade unpacks every file anew), and nobody can set it back. Also
-    in the key: the directory that holds the package (a new version's
-    dist-info is created there) and the interpreter.
+    Finding the package (the import system's finders list every directory of
+    sys.path), reading the installed version from its metadata (another scan,
+    and an email parser over METADATA) and hashing every source file cost
+    ~6-8 ms of the master's time at each reload, in its critical path; the
+    stats that stand for them cost ~0.1 ms. The key is the status of every
+    sys.path directory (installing, upgrading or removing a package adds or
+    removes an entry there: the package's directory, its ``*.dist-info``
+    named after the version), of every directory of the package, and of
+    each of its source files: inode, size, mtime and *ctime*. dpkg chooses
+    the mtime, but the kernel sets the ctime whenever a file is written,
+    renamed or created (an upgrade unpacks every file anew), and nobody can
+    set it back. The interpreter is in the key too.
 
     Git's "racy clean" problem applies: the ctime has the kernel's coarse
     granularity (a few ms), so a file written again within that tick after
     it was looked at would keep its key. A key with a ctime younger than
-    RACY_NS is therefore never kept: the next reload hashes again.
+    RACY_NS is therefore never kept: the next lookup starts afresh.
     """
 
     RACY_NS = 2_000_000_000
 
     def __init__(self) -> None:
-        self._known: tuple[tuple[Any, ...], tuple[str, ...]] | None = None
+        # (sys.path, the paths whose stats are the key, those stats, the signature)
+        self._known: tuple[list[str], list[str], list[tuple[int, ...] | None],
+                           tuple[str, ...]] | None = None
 
     def signature(self) -> tuple[str, ...]:
+        """(installed version, interpreter, package directory, digest of the sources)."""
+        if self._known is not None:
+            search, paths, stats, signature = self._known
+            if search == sys.path and [_stat_of(path) for path in paths] == stats:
+                return signature
+        search = list(sys.path)
         top = _package_dir()
         files = _source_files(top)
-        stats = [_stat_of(path) for path in files]
-        key = (top, tuple(files), tuple(stats), _stat_of(os.path.dirname(top)), _interpreter())
-        if self._known is not None and self._known[0] == key:
-            return self._known[1]
+        directories = sorted({os.path.dirname(path) for path in files} | {top})
+        # A sys.path directory that does not exist yet is in the key as None.
+        paths = [entry for entry in search if entry]
+        paths += [os.path.realpath(sys.executable), *directories, *files]
+        stats = [_stat_of(path) for path in paths]
         signature = code_signature(top, files)
         now = time.time_ns()
-        ctimes = [st[4] for st in stats if st is not None]
-        if all(now - ctime > self.RACY_NS for ctime in ctimes):
-            self._known = (key, signature)
+        if all(now - st[4] > self.RACY_NS for st in stats if st is not None):
+            self._known = (search, paths, stats, signature)
         else:
             self._known = None
         return signature
+
+    def installed_version(self) -> str:
+        """The version on disk now (``installed_version()``, from the same cache)."""
+        return self.signature()[0]
 
 
 class ForkServer:

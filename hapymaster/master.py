@@ -900,7 +900,7 @@ class Master:
         """Why the next reload re-executes the master first; None when it does not."""
         if self._upgrade_asked:
             return "reload --upgrade"
-        installed = installed_version()
+        installed = self.forkserver.code.installed_version()
         if installed != self.image_version:
             return f"the installed version changed ({self.image_version} -> {installed})"
         return None
