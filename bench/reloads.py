@@ -85,14 +85,14 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 def reload_client(wd: Path, env: dict, dev: bool) -> tuple[list[str], dict]:
     """The ``hapymaster reload`` command line the bench times, and its environment.
 
-    By default the client as the Debian package runs it: the distribution's
-    python3 (no virtualenv and its editable-install finder, ~20 ms of start-up
-    here) on a byte-compiled copy of the package (the .deb byte-compiles at
-    install; this machine sets PYTHONDONTWRITEBYTECODE, so a plain run would
-    recompile the modules every time). The client imports only the standard
-    library (argparse, socket), so the distribution's python3 is enough when it
-    is the same minor version. ``--dev-client``: the development venv's
-    console script instead.
+    By default the client as the Debian package runs it: its /usr/bin/hapymaster
+    (packaging/bin/hapymaster) under the distribution's python3 (no virtualenv
+    and its editable-install finder, ~20 ms of start-up here), on a
+    byte-compiled copy of the package (the .deb byte-compiles at install; this
+    machine sets PYTHONDONTWRITEBYTECODE, so a plain run would recompile the
+    modules every time). The client imports only the standard library, so the
+    distribution's python3 is enough when it is the same minor version.
+    ``--dev-client``: the development venv's console script instead.
     """
     same = subprocess.run([str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[:2])"],
                           capture_output=True, text=True) if SYSTEM_PYTHON.exists() else None
@@ -105,7 +105,7 @@ def reload_client(wd: Path, env: dict, dev: bool) -> tuple[list[str], dict]:
     subprocess.run([str(SYSTEM_PYTHON), "-m", "compileall", "-q", str(src)], check=True)
     client_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     client_env["PYTHONPATH"] = str(src)
-    return [str(SYSTEM_PYTHON), "-m", "hapymaster"], client_env
+    return [str(SYSTEM_PYTHON), str(REPO / "packaging" / "bin" / "hapymaster")], client_env
 
 
 class Hapymaster:
@@ -373,7 +373,8 @@ def render(args, scenarios, results: dict[str, list[Result]], tails: dict[str, s
          "proxy. Reload → serving: hapymaster, the wall time of `hapymaster reload` (it returns "
          "when every new worker is READY; READY in = what it prints), "
          + ("the development venv's console script" if args.dev_client else
-            "run as the Debian package runs it: /usr/bin/python3 on a byte-compiled copy "
+            "run as the Debian package runs it: its /usr/bin/hapymaster "
+            "(packaging/bin/hapymaster) under /usr/bin/python3 on a byte-compiled copy "
             "(`--dev-client`: the venv's console script)")
          + "; HAProxy, SIGUSR2 → a new "
          "worker PID answers on the probe frontend. wrk -t1 on the load core.", ""]

@@ -3,11 +3,13 @@ must not import the master, the config parser or PyYAML to send one line."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import subprocess
 import sys
 
-from master_harness import free_port, http_config
+from master_harness import ROOT, free_port, http_config
 
 HEAVY = ["asyncio", "yaml", "hapymaster.config", "hapymaster.master", "hapymaster.mcli",
          "hapymaster.worker"]
@@ -38,6 +40,41 @@ def test_reload_and_ctl_import_almost_nothing(master_factory, http_backend):
     code, answer, modules = run_client("ctl", "-S", master.socket_path, "show", "proc")
     assert code == 0 and "# workers" in answer
     assert not [name for name in HEAVY if name in modules], sorted(modules)
+
+
+# Runs a script as the interpreter would and reports sys.modules at its exit
+# (without importing anything itself: json would bring `re`).
+LAUNCH = """\
+import atexit, sys
+path = sys.argv[1]
+sys.argv = sys.argv[1:]
+atexit.register(lambda: sys.stderr.write("\\nMODULES " + repr(sorted(sys.modules))))
+exec(compile(open(path).read(), path, "exec"), {"__name__": "__main__"})
+"""
+
+
+def launched_modules(script: str, *argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    # -S: without this venv's site, which imports `re` itself (the editable
+    # install's finder); the system python3 the package uses does not.
+    out = subprocess.run([sys.executable, "-S", "-c", LAUNCH, script, *argv],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return out, set(ast.literal_eval(out.stderr.rsplit("MODULES ", 1)[1]))
+
+
+def test_the_packaged_command_imports_almost_nothing(master_factory, http_backend, tmp_path):
+    """packaging/bin/hapymaster, the /usr/bin/hapymaster of the .deb, as ExecReload= runs it."""
+    master = master_factory(http_config(free_port(), [http_backend("s1").address]))
+    empty = tmp_path / "empty.py"
+    empty.write_text("")
+    _, interpreter = launched_modules(str(empty))   # what the interpreter imports anyway
+    out, modules = launched_modules(str(ROOT / "packaging" / "bin" / "hapymaster"),
+                                    "reload", "-S", master.socket_path)
+    assert out.returncode == 0 and out.stdout.startswith("Success=1"), out.stdout + out.stderr
+    added = modules - interpreter
+    assert "hapymaster.cli" in added, sorted(added)
+    assert not [name for name in [*HEAVY, "re", "argparse", "socket"] if name in added], \
+        sorted(added)
 
 
 def test_reload_arguments_beyond_the_plain_forms_still_go_through_argparse(master_factory,

@@ -70,6 +70,15 @@ def test_package_contents_and_dependencies(deb_packages: DebPackages):
     assert "libc6" in depends, depends      # ${shlibs:Depends}
 
 
+def test_the_command_is_the_lean_launcher(deb_packages: DebPackages, tmp_path):
+    """/usr/bin/hapymaster is packaging/bin/hapymaster, not the generated console
+    script (which imports `re` first: ~9 ms at every `systemctl reload`)."""
+    run(["dpkg-deb", "-x", str(deb_packages.current), str(tmp_path)])
+    shipped = (tmp_path / "usr" / "bin" / "hapymaster").read_text()
+    assert shipped == (REPO / "packaging" / "bin" / "hapymaster").read_text(), shipped
+    assert (tmp_path / "usr" / "bin" / "hapymaster").stat().st_mode & 0o111
+
+
 def test_package_is_built_with_the_suites_own_python(deb_packages: DebPackages):
     """Built in the release's chroot, not on the host: the build environment
     recorded in the .buildinfo has that release's python3."""
