@@ -404,11 +404,13 @@ def serve(fd: int) -> int:
         if not data:
             return 0   # the master closed its end: it is stopping or replaced us
         reply: dict[str, Any]
+        middle = None
         try:
             request = json.loads(data)
             if "indexes" in request:
-                reply = {"pids": _fork_generation(sock, fds, request, worker_main, parse_config,
-                                                  worker_name)}
+                pids, middle = _fork_generation(sock, fds, request, worker_main, parse_config,
+                                                worker_name)
+                reply = {"pids": pids}
             else:
                 # A master older than this template (after an upgrade the
                 # postinst reloads the master still running the old code):
@@ -416,9 +418,10 @@ def serve(fd: int) -> int:
                 if not fds:
                     raise ValueError("a spawn request without the control fd")
                 fd_map = dict(zip(request.get("listener_fds") or [], fds[1:]))
-                reply = {"pid": _fork_workers(sock, fds, [(fds[0], None)], fd_map,
-                                              int(request["master_pid"]), worker_main.run,
-                                              worker_name)[0]}
+                pids, middle = _fork_workers(sock, fds, [(fds[0], None)], fd_map,
+                                             int(request["master_pid"]), worker_main.run,
+                                             worker_name)
+                reply = {"pid": pids[0]}
         except ConfigError as exc:
             reply = {"error": "; ".join(exc.errors)}
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -430,12 +433,17 @@ def serve(fd: int) -> int:
             sock.send(json.dumps(reply).encode())
         except OSError:
             return 1   # the master is gone
+        finally:
+            if middle is not None:
+                # Reaped after the answer: its exit (unmapping a copy of
+                # this process, ~3 ms here) is off the reload's path.
+                os.waitpid(middle, 0)
 
 
 def _fork_generation(sock: socket.socket, fds: list[int], request: dict[str, Any],
-                     worker_main: Any, parse_config: Any, name: bytes) -> list[int]:
+                     worker_main: Any, parse_config: Any, name: bytes) -> tuple[list[int], int]:
     """The workers of one request: fds are the config memfd, one control fd per index,
-    then the listeners."""
+    then the listeners. Returns what ``_fork_workers`` does."""
     indexes = [int(index) for index in request["indexes"]]
     if len(fds) < 1 + len(indexes):
         raise ValueError("a spawn request without its config and control fds")
@@ -454,9 +462,15 @@ def _fork_generation(sock: socket.socket, fds: list[int], request: dict[str, Any
 
 
 def _fork_workers(sock: socket.socket, fds: list[int], children: list[tuple[int, Any]],
-                  fd_map: dict[int, int], master_pid: int, run: Any, name: bytes) -> list[int]:
+                  fd_map: dict[int, int], master_pid: int, run: Any,
+                  name: bytes) -> tuple[list[int], int]:
     """Double fork: one intermediate process forks every worker and exits at once,
-    so the master adopts them. ``children``: (control fd, what the worker is told)."""
+    so the master adopts them. ``children``: (control fd, what the worker is told).
+
+    Returns the workers' pids and the intermediate's, which the caller reaps
+    once it has answered: the pids are sent while the intermediate may still
+    be exiting (a worker waits for its adoption before READY).
+    """
     read_end, write_end = os.pipe()
     middle = os.fork()
     if middle == 0:
@@ -478,25 +492,29 @@ def _fork_workers(sock: socket.socket, fds: list[int], children: list[tuple[int,
         finally:
             os._exit(0)
     os.close(write_end)
+    answer = b""
     try:
         # Not to EOF: until every pid (or an error) came. A worker holds the
         # write end from its fork until it closes it, which a worker stuck
         # in an at-fork hook never does.
-        answer = b""
         while answer.count(b"\n") < len(children) and b"-" not in answer:
             chunk = os.read(read_end, 4096)
             if not chunk:
                 break
             answer += chunk
+    except BaseException:
+        os.waitpid(middle, 0)
+        raise
     finally:
         os.close(read_end)
-        os.waitpid(middle, 0)
     lines = answer.decode().split()
     pids = [int(line) for line in lines if not line.startswith("-")]
     if len(pids) == len(children):
-        return pids
+        return pids, middle
     # If one worker cannot be forked, none is: those forked are the master's
-    # children by now, unknown to it; it reaps them as strangers.
+    # children once the intermediate is gone, unknown to it; it reaps them
+    # as strangers.
+    os.waitpid(middle, 0)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     error = next((line[1:] for line in lines if line.startswith("-")), "")

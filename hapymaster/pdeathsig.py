@@ -50,8 +50,9 @@ def die_with_reaper(reaper_pid: int, timeout: float = REPARENT_TIMEOUT,
 
     The death signal follows the parent of the moment: armed before the
     adoption it would fire when the intermediate process exits. So wait to be
-    adopted (the intermediate exits right after the fork: microseconds), then
-    arm it. Never adopted within ``timeout`` means the reaper is gone: exit.
+    adopted (the intermediate exits right after the fork: a few ms at most,
+    polled every 0.1-1 ms: a reload waits for it), then arm it. Never adopted
+    within ``timeout`` means the reaper is gone: exit.
     """
     deadline = time.monotonic() + timeout
     delay = 0.0001
@@ -59,5 +60,5 @@ def die_with_reaper(reaper_pid: int, timeout: float = REPARENT_TIMEOUT,
         if time.monotonic() > deadline:
             os._exit(1)
         time.sleep(delay)
-        delay = min(delay * 2, 0.01)
+        delay = min(delay * 2, 0.001)
     die_with_parent(reaper_pid, sig)

@@ -194,11 +194,11 @@ def run(control_fd: int, fd_map: dict[int, int] | None = None,
         # Armed (again) here, after dropping privileges: the kernel forgets it
         # when the uid or gid changes. And only once the master adopted us: a
         # forked worker's parent is the template's intermediate process,
-        # which exits after forking the last worker of the generation. Here
-        # that has happened: the master sends the boot message once it knows
-        # the pids, which the template tells it after that exit; waiting for
-        # the adoption any earlier cost the first worker ~5-8 ms of sleep.
-        # Until now a master that died closed the control socket: EOF above.
+        # which exits after forking the last worker of the generation. By
+        # the time the boot message came (the master sends it once it knows
+        # the pids) that exit is done or under way; waiting for the adoption
+        # any earlier cost the first worker ~5-8 ms, while its siblings were
+        # forked. Until now a master that died closed the control socket: EOF above.
         die_with_reaper(master_pid)
     try:
         apply_state(worker, boot.get("state"))
