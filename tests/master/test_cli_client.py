@@ -3,7 +3,7 @@ must not import the master, the config parser or PyYAML to send one line."""
 
 from __future__ import annotations
 
-import ast
+import functools
 import json
 import os
 import subprocess
@@ -42,24 +42,21 @@ def test_reload_and_ctl_import_almost_nothing(master_factory, http_backend):
     assert not [name for name in HEAVY if name in modules], sorted(modules)
 
 
-# Runs a script as the interpreter would and reports sys.modules at its exit
-# (without importing anything itself: json would bring `re`).
-LAUNCH = """\
-import atexit, sys
-path = sys.argv[1]
-sys.argv = sys.argv[1:]
-atexit.register(lambda: sys.stderr.write("\\nMODULES " + repr(sorted(sys.modules))))
-exec(compile(open(path).read(), path, "exec"), {"__name__": "__main__"})
-"""
+LAUNCHER = ROOT / "packaging" / "bin" / "hapymaster"
 
 
 def launched_modules(script: str, *argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
-    # -S: without this venv's site, which imports `re` itself (the editable
-    # install's finder); the system python3 the package uses does not.
-    out = subprocess.run([sys.executable, "-S", "-c", LAUNCH, script, *argv],
+    """Run a script as its shebang would and list what it imported (-X importtime).
+
+    -S: without this venv's site, which imports `re` itself (the editable
+    install's finder); the system python3 the package uses does not.
+    """
+    out = subprocess.run([sys.executable, "-S", "-X", "importtime", script, *argv],
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return out, set(ast.literal_eval(out.stderr.rsplit("MODULES ", 1)[1]))
+    imported = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:") and not line.endswith("package")}
+    return out, imported
 
 
 def test_the_packaged_command_imports_almost_nothing(master_factory, http_backend, tmp_path):
@@ -68,13 +65,34 @@ def test_the_packaged_command_imports_almost_nothing(master_factory, http_backen
     empty = tmp_path / "empty.py"
     empty.write_text("")
     _, interpreter = launched_modules(str(empty))   # what the interpreter imports anyway
-    out, modules = launched_modules(str(ROOT / "packaging" / "bin" / "hapymaster"),
-                                    "reload", "-S", master.socket_path)
+    out, modules = launched_modules(str(LAUNCHER), "reload", "-S", master.socket_path)
     assert out.returncode == 0 and out.stdout.startswith("Success=1"), out.stdout + out.stderr
     added = modules - interpreter
     assert "hapymaster.cli" in added, sorted(added)
     assert not [name for name in [*HEAVY, "re", "argparse", "socket"] if name in added], \
         sorted(added)
+
+
+def test_client_commands_flush_everything_before_their_quick_exit(master_factory, http_backend,
+                                                                  tmp_path):
+    """reload and ctl end with os._exit: their whole answer still reaches a pipe."""
+    master = master_factory(http_config(free_port(), [http_backend("s1").address]))
+    # Buffered output, as under systemd (this machine sets PYTHONUNBUFFERED).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60,
+                            env={**env, "PYTHONPATH": str(ROOT)})
+    ok = run([sys.executable, str(LAUNCHER), "reload", "-S", master.socket_path])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("Success=1\n--\n") and ok.stdout.count("READY in") == 1, ok.stdout
+    proc = run([sys.executable, str(LAUNCHER), "ctl", "-S", master.socket_path, "show", "proc"])
+    assert proc.returncode == 0 and proc.stdout.startswith("#"), proc.stdout + proc.stderr
+    assert proc.stdout == master.ctl("show proc"), proc.stdout
+    gone = run([sys.executable, str(LAUNCHER), "reload", "-S", str(tmp_path / "none.sock")])
+    assert gone.returncode == 1 and gone.stdout == "", gone.stdout
+    assert gone.stderr.startswith("hapymaster: cannot reach the master at "), gone.stderr
+    # The master's own command line is not cut short: --version, -c exit as usual.
+    version = run([sys.executable, str(LAUNCHER), "--version"])
+    assert version.returncode == 0 and version.stdout.startswith("hapymaster "), version
 
 
 def test_reload_arguments_beyond_the_plain_forms_still_go_through_argparse(master_factory,
