@@ -42,7 +42,8 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from . import __version__
 from .pdeathsig import die_with_parent, die_with_reaper, set_process_name
@@ -396,7 +397,17 @@ def serve(fd: int) -> int:
     gc.collect()
     gc.freeze()
     sock.send(json.dumps({"ready": True, "pid": os.getpid()}).encode())
+    code = _Code(worker_main, parse_config, ConfigError, worker_name)
+    spare: _Spare | None = None
     while True:
+        if spare is None:
+            # The next intermediate process is forked ahead of the request,
+            # once no request came for SPARE_DELAY (not while the workers
+            # just forked boot: the fork would compete with them).
+            readable, _, _ = select.select([sock], [], [], SPARE_DELAY)
+            if not readable:
+                spare = _Spare.start(sock, code)
+                continue
         try:
             data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
         except OSError:
@@ -405,30 +416,25 @@ def serve(fd: int) -> int:
             return 0   # the master closed its end: it is stopping or replaced us
         reply: dict[str, Any]
         middle = None
+        current, spare = spare, None
         try:
             request = json.loads(data)
-            if "indexes" in request:
-                pids, middle = _fork_generation(sock, fds, request, worker_main, parse_config,
-                                                worker_name)
-                reply = {"pids": pids}
-            else:
-                # A master older than this template (after an upgrade the
-                # postinst reloads the master still running the old code):
-                # one worker per request, which reads its config text itself.
-                if not fds:
-                    raise ValueError("a spawn request without the control fd")
-                fd_map = dict(zip(request.get("listener_fds") or [], fds[1:]))
-                pids, middle = _fork_workers(sock, fds, [(fds[0], None)], fd_map,
-                                             int(request["master_pid"]), worker_main.run,
-                                             worker_name)
-                reply = {"pid": pids[0]}
-        except ConfigError as exc:
-            reply = {"error": "; ".join(exc.errors)}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            pids, middle = _spawn(data, request, fds, sock, code, current)
+            # A master older than this template (after an upgrade the
+            # postinst reloads the master still running the old code) asks
+            # for one worker per request, which reads its config text itself.
+            reply = {"pids": pids} if "indexes" in request else {"pid": pids[0]}
+        except SpawnFailed as exc:
             reply = {"error": str(exc)}
+        except OSError as exc:
+            reply = {"error": f"cannot fork a worker: {exc}"}
+        except (ValueError, KeyError, TypeError) as exc:
+            reply = {"error": f"a bad spawn request: {exc}"}
         finally:
             for received in fds:
                 os.close(received)
+            if current is not None:
+                current.discard()
         try:
             sock.send(json.dumps(reply).encode())
         except OSError:
@@ -440,65 +446,117 @@ def serve(fd: int) -> int:
                 os.waitpid(middle, 0)
 
 
-def _fork_generation(sock: socket.socket, fds: list[int], request: dict[str, Any],
-                     worker_main: Any, parse_config: Any, name: bytes) -> tuple[list[int], int]:
-    """The workers of one request: fds are the config memfd, one control fd per index,
-    then the listeners. Returns what ``_fork_workers`` does."""
-    indexes = [int(index) for index in request["indexes"]]
-    if len(fds) < 1 + len(indexes):
-        raise ValueError("a spawn request without its config and control fds")
-    with os.fdopen(os.dup(fds[0]), "rb") as source:
-        source.seek(0)
-        text = source.read().decode()
-    # Parsed once here, inherited by every worker of the request.
-    config = parse_config(text, str(request.get("config_path", "")))
-    master_pid = int(request["master_pid"])
-    generation = int(request["generation"])
-    controls = fds[1:1 + len(indexes)]
-    fd_map = dict(zip(request.get("listener_fds") or [], fds[1 + len(indexes):]))
-    children = [(control, worker_main.Preforked(config, generation, index, master_pid))
-                for control, index in zip(controls, indexes)]
-    return _fork_workers(sock, fds, children, fd_map, master_pid, worker_main.run, name)
+# After a spawn, how long the template waits for another request before it
+# forks the intermediate process of the next one.
+SPARE_DELAY = 0.05
 
 
-def _fork_workers(sock: socket.socket, fds: list[int], children: list[tuple[int, Any]],
-                  fd_map: dict[int, int], master_pid: int, run: Any,
-                  name: bytes) -> tuple[list[int], int]:
-    """Double fork: one intermediate process forks every worker and exits at once,
-    so the master adopts them. ``children``: (control fd, what the worker is told).
+@dataclass(frozen=True)
+class _Code:
+    """What the template imported for its workers (imported there, not here:
+    the master imports this module too)."""
+    worker_main: Any
+    parse_config: Any
+    config_error: type[Exception]
+    name: bytes          # the interpreter's process name, which workers keep
 
-    Returns the workers' pids and the intermediate's, which the caller reaps
-    once it has answered: the pids are sent while the intermediate may still
-    be exiting (a worker waits for its adoption before READY).
+
+class SpawnFailed(Exception):
+    """No worker of the request runs (any that was forked is killed)."""
+
+
+@dataclass
+class _Spare:
+    """The intermediate process of the next spawn, forked ahead of it.
+
+    A spawn is a double fork: an intermediate process forks every worker and
+    exits, so that the master, a child subreaper, adopts them. Forking that
+    intermediate (a copy of this ~30 MiB process) took ~3 ms of each reload
+    here; a spare one waits for its request on a socketpair instead, dies
+    with the template (PDEATHSIG), and does not hold the master's socket
+    (whose EOF tells the master the template is gone).
     """
-    read_end, write_end = os.pipe()
-    middle = os.fork()
-    if middle == 0:
+    pid: int
+    channel: socket.socket
+    taken: bool = False
+
+    @classmethod
+    def start(cls, sock: socket.socket, code: _Code) -> "_Spare | None":
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        template = os.getpid()
         try:
-            os.close(read_end)
-            # Before the workers exist: they are never the master's children under our name.
-            set_process_name(name)   # the interpreter's, as a `python -m` worker has
-            for control, preforked in children:
-                # Read by `python -m hapymaster.worker`; set here so a worker
-                # looks the same both ways (the tests' fault hooks look for it).
-                os.environ["HAPYMASTER_CONTROL_FD"] = str(control)
-                worker = os.fork()
-                if worker == 0:
-                    os.close(write_end)
-                    _worker_child(sock, fds, control, fd_map, master_pid, preforked, run)
-                os.write(write_end, b"%d\n" % worker)
-        except OSError as exc:
-            os.write(write_end, f"-{exc}\n".encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return None     # the spawn forks its intermediate itself
+        if pid == 0:
+            try:
+                ours.close()
+                sock.close()
+                die_with_parent(template)
+                data, fds, _, _ = socket.recv_fds(theirs, MAX_MESSAGE, MAX_FDS)
+                if data:
+                    _middle(theirs.detach(), json.loads(data), fds, code)
+            finally:
+                os._exit(0)
+        theirs.close()
+        return cls(pid, ours)
+
+    def take(self, data: bytes, fds: list[int]) -> int | None:
+        """Hand it the request; returns the fd its answer comes on, None if it is gone.
+
+        Taken, it is the request's intermediate process: the caller reaps it.
+        """
+        try:
+            if os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+                socket.send_fds(self.channel, [data], fds)
+                self.taken = True
+                return self.channel.detach()
+        except OSError:
+            pass
+        self.discard()
+        return None
+
+    def discard(self) -> None:
+        """Let it go unused (it exits at the EOF) and reap it."""
+        if self.taken:
+            return
+        self.taken = True
+        self.channel.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _spawn(data: bytes, request: dict[str, Any], fds: list[int], sock: socket.socket,
+           code: _Code, spare: _Spare | None) -> tuple[list[int], int]:
+    """Fork the workers of one request, through the spare intermediate process
+    if there is a live one, else a new one. Returns the workers' pids and the
+    intermediate's, which the caller reaps once it has answered: the pids are
+    sent while the intermediate may still be exiting (a worker waits for its
+    adoption before READY). Raises SpawnFailed.
+    """
+    count = len(request["indexes"]) if "indexes" in request else 1
+    answers = spare.take(data, fds) if spare is not None else None
+    if answers is not None:
+        middle = spare.pid
+    else:
+        answers, write_end = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            os.close(answers)
+            sock.close()
+            _middle(write_end, request, fds, code)
+        os.close(write_end)
     answer = b""
     try:
         # Not to EOF: until every pid (or an error) came. A worker holds the
         # write end from its fork until it closes it, which a worker stuck
         # in an at-fork hook never does.
-        while answer.count(b"\n") < len(children) and b"-" not in answer:
-            chunk = os.read(read_end, 4096)
+        while answer.count(b"\n") < count and b"-" not in answer:
+            chunk = os.read(answers, 4096)
             if not chunk:
                 break
             answer += chunk
@@ -506,10 +564,10 @@ def _fork_workers(sock: socket.socket, fds: list[int], children: list[tuple[int,
         os.waitpid(middle, 0)
         raise
     finally:
-        os.close(read_end)
-    lines = answer.decode().split()
+        os.close(answers)
+    lines = answer.decode().splitlines()
     pids = [int(line) for line in lines if not line.startswith("-")]
-    if len(pids) == len(children):
+    if len(pids) == count:
         return pids, middle
     # If one worker cannot be forked, none is: those forked are the master's
     # children once the intermediate is gone, unknown to it; it reaps them
@@ -518,15 +576,74 @@ def _fork_workers(sock: socket.socket, fds: list[int], children: list[tuple[int,
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     error = next((line[1:] for line in lines if line.startswith("-")), "")
-    raise OSError(f"cannot fork a worker: {error or 'the intermediate process died'}")
+    raise SpawnFailed(error or "cannot fork a worker: the intermediate process died")
 
 
-def _worker_child(sock: socket.socket, fds: list[int], control: int, fd_map: dict[int, int],
+def _middle(out: int, request: dict[str, Any], fds: list[int], code: _Code) -> NoReturn:
+    """The intermediate process: read the request's config, fork each worker,
+    write each pid (or one "-" line saying why not) to ``out``, exit.
+
+    The request's fds: a generation's are the config memfd, one control fd
+    per index, then the listeners; an older master's one worker's are its
+    control fd, then the listeners.
+    """
+    try:
+        # Before the workers exist: they are never the master's children under our name.
+        set_process_name(code.name)   # the interpreter's, as a `python -m` worker has
+        try:
+            children, fd_map = _children(request, fds, code)
+        except code.config_error as exc:
+            os.write(out, f"-{'; '.join(exc.errors)}\n".encode())   # type: ignore[attr-defined]
+            return
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            os.write(out, f"-a bad spawn request: {exc}\n".encode())
+            return
+        master_pid = int(request["master_pid"])
+        for control, preforked in children:
+            # Read by `python -m hapymaster.worker`; set here so a worker
+            # looks the same both ways (the tests' fault hooks look for it).
+            os.environ["HAPYMASTER_CONTROL_FD"] = str(control)
+            try:
+                worker = os.fork()
+            except OSError as exc:
+                os.write(out, f"-cannot fork a worker: {exc}\n".encode())
+                return
+            if worker == 0:
+                os.close(out)
+                _worker_child(fds, control, fd_map, master_pid, preforked,
+                              code.worker_main.run)
+            os.write(out, b"%d\n" % worker)
+    finally:
+        os._exit(0)
+
+
+def _children(request: dict[str, Any], fds: list[int],
+              code: _Code) -> tuple[list[tuple[int, Any]], dict[int, int]]:
+    """(control fd, what the worker is told) for each worker, and the listener fd map."""
+    if "indexes" not in request:
+        if not fds:
+            raise ValueError("a spawn request without the control fd")
+        return [(fds[0], None)], dict(zip(request.get("listener_fds") or [], fds[1:]))
+    indexes = [int(index) for index in request["indexes"]]
+    if len(fds) < 1 + len(indexes):
+        raise ValueError("a spawn request without its config and control fds")
+    with os.fdopen(os.dup(fds[0]), "rb") as source:
+        source.seek(0)
+        text = source.read().decode()
+    # Parsed once here, inherited by every worker of the request.
+    config = code.parse_config(text, str(request.get("config_path", "")))
+    master_pid, generation = int(request["master_pid"]), int(request["generation"])
+    controls = fds[1:1 + len(indexes)]
+    fd_map = dict(zip(request.get("listener_fds") or [], fds[1 + len(indexes):]))
+    return ([(control, code.worker_main.Preforked(config, generation, index, master_pid))
+             for control, index in zip(controls, indexes)], fd_map)
+
+
+def _worker_child(fds: list[int], control: int, fd_map: dict[int, int],
                   master_pid: int, preforked: Any, run: Any) -> None:
     """The forked worker: undo what is the template's, then the worker's own main."""
     code: Any = 1
     try:
-        sock.close()
         # Only its own control socket and the listeners: a sibling's control
         # socket held here would hide that sibling's exit from the master (no EOF).
         for fd in set(fds) - {control, *fd_map.values()}:

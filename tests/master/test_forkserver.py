@@ -73,9 +73,51 @@ def test_workers_are_forked_from_the_template_and_the_master_is_their_parent(
     assert f"worker {workers[0]} (generation 1, #1) exited (killed by SIGKILL)" in master.log()
     assert not pid_alive(workers[0])              # reaped, not left a zombie
     replacement = next(p for p in master.workers() if p not in workers)
+    # Adopted before it is READY (the template answers the pid while its
+    # intermediate process may still be exiting).
+    wait_for(lambda: f"worker {replacement} (generation 1, #1) is READY" in master.log(),
+             what="the replacement to be READY")
     assert ppid(replacement) == master.pid
     assert template_of(master) == template
     wait_for(lambda: http_get(port)[0] == 200, what="the replacement to serve")
+
+
+def spare_of(template: int) -> int:
+    """The template's spare intermediate process (its one live child when idle)."""
+    found = wait_for(lambda: [c for c in children(template) if pid_alive(c)],
+                     what="the spare intermediate process")
+    assert len(found) == 1, found  # type: ignore[arg-type]
+    return found[0]  # type: ignore[index]
+
+
+def test_the_spare_intermediate_forks_the_next_generation_and_a_dead_one_is_not_missed(
+        master_factory, http_backend):
+    backend = http_backend("s1")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address], workers=2))
+    template = template_of(master)
+    spare = spare_of(template)
+    # It must not hold the template's socketpair to the master: the master
+    # learns that the template died from that socket's EOF.
+    assert not sockets_of(spare) & sockets_of(template)
+    assert master.reload().startswith("Success=1")
+    new = master.workers()
+    assert len(new) == 2 and all(ppid(worker) == master.pid for worker in new)
+    assert not pid_alive(spare)                  # it was the intermediate, and is reaped
+    assert http_get(port)[0] == 200
+    # A spare killed (OOM, an operator): the next reload forks an intermediate itself.
+    next_spare = spare_of(template)
+    assert next_spare != spare
+    os.kill(next_spare, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(next_spare), what="the killed spare to be reaped")
+    assert master.reload().startswith("Success=1")
+    assert http_get(port)[0] == 200 and template_of(master) == template
+    # The template killed: its spare goes with it (PDEATHSIG), the master notices.
+    last_spare = spare_of(template)
+    os.kill(template, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(last_spare), what="the spare to die with the template")
+    assert master.reload().startswith("Success=1")
+    assert template_of(master) != template and http_get(port)[0] == 200
 
 
 def test_killed_template_is_restarted_when_next_needed(master_factory, http_backend):
