@@ -62,7 +62,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from . import __version__, messages, reexec
 from .config import Address, Config, ConfigError, parse_config, read_config
 from .counters import CounterBook, Part
-from .forkserver import ForkServer, ForkServerError, TemplateGone, installed_version
+from .forkserver import ForkServer, ForkServerError, TemplateGone
 from .pdeathsig import become_subreaper
 from .sdnotify import (child_environment, extend_timeout, monotonic_usec, notify,
                        watchdog_interval)
@@ -267,7 +267,7 @@ class Master:
         # Re-exec in place: the version this image started with (a reload that
         # finds another one installed re-executes), what the previous image
         # handed over, and who waits for an answer.
-        self.image_version = installed_version()
+        self.image_version = self.forkserver.image[0]
         self.carried: reexec.Carried | None = None
         self.cli_fd: int | None = None       # the master CLI's carried listening socket
         self._upgrade_asked = False
@@ -379,7 +379,7 @@ class Master:
         one go. Raises ForkServerError (TemplateGone: it died) or OSError.
         """
         return self.forkserver.spawn(controls, listener_fds, os.getpid(), generation, indexes,
-                                     config.source, text)
+                                     config, text)
 
     async def _template_ready(self, timeout: float, refresh: bool) -> None:
         """Have a worker template running (``refresh``: one of the code on disk now).

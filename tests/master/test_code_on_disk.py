@@ -9,6 +9,7 @@ on a copy of a package in tmp_path placed first on sys.path.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -110,3 +111,52 @@ def test_files_younger_than_the_ctime_tick_are_never_trusted(site: Path,
     code.signature()
     code.signature()
     assert hashed[0] == 2
+
+
+def spawn_request(server: forkserver.ForkServer, config: object, text: str) -> tuple[dict, bytes]:
+    """The request and config bytes the master sends for one worker, read by a
+    stand-in template on the other end of the socketpair."""
+    import json
+    import socket
+    import threading
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    control, peer = socket.socketpair()
+    server.sock = ours
+    seen: dict = {}
+
+    def template() -> None:
+        data, fds, _, _ = socket.recv_fds(theirs, 65536, 16)
+        with os.fdopen(fds[0], "rb") as memfd:
+            memfd.seek(0)
+            seen["config"] = memfd.read()
+        for fd in fds[1:]:
+            os.close(fd)
+        seen["request"] = json.loads(data)
+        theirs.send(json.dumps({"pids": [12345]}).encode())
+    helper = threading.Thread(target=template)
+    helper.start()
+    try:
+        assert server.spawn([control], [], os.getpid(), 7, [1], config, text) == [12345]
+    finally:
+        helper.join(5)
+        for sock in (ours, theirs, control, peer):
+            sock.close()
+    return seen["request"], seen["config"]
+
+
+def test_the_parsed_config_goes_only_to_a_template_of_the_masters_own_code() -> None:
+    import pickle
+
+    from hapymaster.config import EMBEDDED_CONFIG, parse_config
+    config = parse_config(EMBEDDED_CONFIG, "<embedded>")
+    server = forkserver.ForkServer()
+    # The template started from the code this master runs: it gets the parse.
+    server.signature = server.image
+    request, data = spawn_request(server, config, EMBEDDED_CONFIG)
+    assert request["config"] == "pickle" and pickle.loads(data) == config
+    # Code changed on disk since the master started (no re-exec yet): the
+    # template's classes may differ from the master's, so it parses the text.
+    server.signature = ("0.0.1", *server.image[1:])
+    request, data = spawn_request(server, config, EMBEDDED_CONFIG)
+    assert request["config"] == "text" and data == EMBEDDED_CONFIG.encode()
+    assert request["config_path"] == "<embedded>" and request["generation"] == 7
