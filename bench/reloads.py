@@ -123,9 +123,10 @@ class Hapymaster:
         wait_serving(self.port, self.proc, "hapymaster")
 
     def reload(self) -> Outcome:
-        # The command an operator (and ExecReload=) runs, on the load core; its
-        # start-up is part of what is measured.
-        cmd = ["taskset", "-c", self.load_cpu, *self.client, "reload", "-S", str(self.sock)]
+        # The command an operator (and ExecReload=) runs, on the load core
+        # (anywhere: the "both cores" pass); its start-up is part of what is measured.
+        pin = ["taskset", "-c", self.load_cpu] if self.load_cpu is not None else []
+        cmd = [*pin, *self.client, "reload", "-S", str(self.sock)]
         t0 = time.monotonic()
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, env=self.client_env,
@@ -275,6 +276,51 @@ def under_load(proxy, conns: int, headers: tuple[str, ...], count: int, interval
     return result
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (its template, spare, workers...)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += parents.get(found[-1], [])
+    return found
+
+
+def on_cpus(proxy, cpus: set[int]) -> None:
+    """Move the proxy's processes (new ones inherit it) to ``cpus``."""
+    for pid in descendants(proxy.proc.pid):
+        try:
+            os.sched_setaffinity(pid, cpus)
+        except OSError:
+            pass       # gone meanwhile
+
+
+def idle_latency_both_cores(proxy, count: int, pinned: str) -> Result:
+    """idle_latency with the proxy (and hapymaster's client) on every core, as on
+    an idle machine nobody pinned anything on; pinned back afterwards."""
+    everything = set(range(os.cpu_count() or 1))
+    load_cpu = getattr(proxy, "load_cpu", None)
+    on_cpus(proxy, everything)
+    if load_cpu is not None:
+        proxy.load_cpu = None
+    try:
+        result = idle_latency(proxy, count)
+    finally:
+        on_cpus(proxy, {int(cpu) for cpu in pinned.split(",")})
+        if load_cpu is not None:
+            proxy.load_cpu = load_cpu
+    result.proxy += " (both cores)"
+    return result
+
+
 def idle_latency(proxy, count: int) -> Result:
     result = Result(proxy.name, count)
     foreign = Foreign()
@@ -324,6 +370,10 @@ def run(args, wd: Path, env: dict, scenarios: list[ReloadScenario], cap: CpuCap 
                 r = idle_latency(proxy, args.latency_count)
                 results[sc.name].append(r)
                 print(f"  {r.proxy:<10} idle:  {line_latency(r)}", flush=True)
+                if args.proxy_cpu is not None:
+                    r = idle_latency_both_cores(proxy, args.latency_count, args.proxy_cpu)
+                    results[sc.name].append(r)
+                    print(f"  {r.proxy:<10} idle:  {line_latency(r)}", flush=True)
                 r = under_load(proxy, args.reload_conns, (), args.latency_count,
                                args.reload_interval, args.latency_count * args.reload_interval + 30,
                                args.load_cpu)
@@ -407,20 +457,25 @@ def render(args, scenarios, results: dict[str, list[Result]], tails: dict[str, s
     if "reload-latency" in results:
         rs = results["reload-latency"]
         L += ["Reload → every new worker serving (reload-latency; idle: each reload once the "
-              "previous generation has left; loaded: one per "
+              "previous generation has left, with the proxy pinned as in the layout; idle on "
+              "both cores: the same with the proxy's processes and hapymaster's client "
+              "allowed on every core, as on an idle machine nobody pinned anything on; loaded: one per "
               f"{args.reload_interval:g} s under wrk -c{args.reload_conns} keep-alive):", "",
               "| proxy | machine | reloads | median | max | READY in (printed): median / max "
               "| goal (issue 8) |", "|---|---|---:|---:|---:|---:|---|"]
+        machines = {" (loaded)": "256-conn load", " (both cores)": "idle, proxy and client "
+                    "on both cores (unpinned)", "": "idle"}
         for r in rs:
             loaded = "loaded" in r.proxy
             t, ready = r.times(), r.ready()
-            name = r.proxy.replace(" (loaded)", "")
+            suffix = next(k for k in machines if r.proxy.endswith(k))
+            name = r.proxy[:len(r.proxy) - len(suffix)] if suffix else r.proxy
             goal = ""
             if name == "hapymaster" and t:
                 bound = 0.150 if loaded else 0.050
                 goal = (f"median ≤ {ms(bound)}: "
                         f"{'**met**' if statistics.median(t) <= bound else '**not met**'}")
-            L.append(f"| {name} | {'256-conn load' if loaded else 'idle'} | {len(t)} / {r.asked} | "
+            L.append(f"| {name} | {machines[suffix]} | {len(t)} / {r.asked} | "
                      f"{ms(statistics.median(t)) if t else '-'} | {ms(max(t)) if t else '-'} | "
                      + (f"{ms(statistics.median(ready))} / {ms(max(ready))}" if ready else "-")
                      + f" | {goal} |")
