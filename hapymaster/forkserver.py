@@ -62,6 +62,8 @@ MAX_MESSAGE = 65536
 # What `ps -o comm`, top and the journal's _COMM show for the template; its
 # command line is the same as its workers' (they are forks of it).
 TEMPLATE_NAME = b"hapymaster-tmpl"
+# And for its spare intermediate process, until that forks workers.
+SPARE_NAME = b"hapymaster-fork"
 
 
 class ForkServerError(Exception):
@@ -505,6 +507,7 @@ class _Spare:
             try:
                 ours.close()
                 sock.close()
+                set_process_name(SPARE_NAME)
                 die_with_parent(template)
                 data, fds, _, _ = socket.recv_fds(theirs, MAX_MESSAGE, MAX_FDS)
                 if data:

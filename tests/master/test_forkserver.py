@@ -87,6 +87,7 @@ def spare_of(template: int) -> int:
     found = wait_for(lambda: [c for c in children(template) if pid_alive(c)],
                      what="the spare intermediate process")
     assert len(found) == 1, found  # type: ignore[arg-type]
+    assert comm(found[0]) == "hapymaster-fork"  # type: ignore[index]
     return found[0]  # type: ignore[index]
 
 

@@ -128,14 +128,27 @@ def unit_pids(c: Container) -> set[int]:
     return {int(p) for p in out.split()}
 
 
-def template_pids(c: Container) -> set[int]:
-    """The worker template (fork server) processes in the service's cgroup."""
+def pids_named(c: Container, name: str) -> set[int]:
+    """The processes of the service's cgroup whose comm is ``name``."""
     pids = set()
     for pid in unit_pids(c):
         comm = c.sh(f"cat /proc/{pid}/comm 2>/dev/null || true").stdout.strip()
-        if comm == "hapymaster-tmpl":
+        if comm == name:
             pids.add(pid)
     return pids
+
+
+def template_pids(c: Container) -> set[int]:
+    """The worker template (fork server) processes in the service's cgroup."""
+    return pids_named(c, "hapymaster-tmpl")
+
+
+def spare_pids(c: Container) -> set[int]:
+    """The template's spare intermediate process (forked 50 ms after a spawn)."""
+    deadline = time.monotonic() + 10
+    while not (found := pids_named(c, "hapymaster-fork")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
 
 
 def test_install_starts_and_enables_the_service(container: Container):
@@ -190,12 +203,13 @@ def test_start_is_type_notify_and_mainpid_is_the_master(container: Container):
     assert [p.pid for p in masters] == [pid], text
     workers = current_workers(c)
     assert workers, text
-    # Master, its one worker template and the workers, nothing else, all in
-    # the unit's cgroup, all as the package's user.
-    templates = template_pids(c)
-    assert len(templates) == 1, (unit_pids(c), text)
-    assert unit_pids(c) == {pid} | workers | templates, (unit_pids(c), text)
-    for p in {pid} | workers | templates:
+    # Master, its one worker template, the template's spare intermediate
+    # process and the workers, nothing else, all in the unit's cgroup, all
+    # as the package's user.
+    templates, spares = template_pids(c), spare_pids(c)
+    assert len(templates) == 1 and len(spares) == 1, (unit_pids(c), text)
+    assert unit_pids(c) == {pid} | workers | templates | spares, (unit_pids(c), text)
+    for p in {pid} | workers | templates | spares:
         assert c.sh(f"stat -c %U /proc/{p}").stdout.strip() == "hapymaster"
 
 

@@ -74,8 +74,11 @@ def test_the_command_is_the_lean_launcher(deb_packages: DebPackages, tmp_path):
     """/usr/bin/hapymaster is packaging/bin/hapymaster, not the generated console
     script (which imports `re` first: ~9 ms at every `systemctl reload`)."""
     run(["dpkg-deb", "-x", str(deb_packages.current), str(tmp_path)])
-    shipped = (tmp_path / "usr" / "bin" / "hapymaster").read_text()
-    assert shipped == (REPO / "packaging" / "bin" / "hapymaster").read_text(), shipped
+    shipped = (tmp_path / "usr" / "bin" / "hapymaster").read_text().split("\n", 1)
+    ours = (REPO / "packaging" / "bin" / "hapymaster").read_text().split("\n", 1)
+    # dh_python3 may rewrite the interpreter line (trixie's writes "#! /usr/bin/python3").
+    assert shipped[0].replace("#! ", "#!") == ours[0], shipped[0]
+    assert shipped[1] == ours[1], shipped[1]
     assert (tmp_path / "usr" / "bin" / "hapymaster").stat().st_mode & 0o111
 
 
