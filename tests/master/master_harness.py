@@ -415,6 +415,18 @@ def copy_of_package(tmp_path: Path) -> Path:
     return top
 
 
+def install_metadata(site: Path, version: str) -> None:
+    """What dpkg leaves next to the package: the old *.dist-info gone, one named
+    after the new version (what importlib.metadata reads)."""
+    for old in site.glob("hapymaster-*.dist-info"):
+        for item in old.iterdir():
+            item.unlink()
+        old.rmdir()
+    info = site / f"hapymaster-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: hapymaster\nVersion: {version}\n")
+
+
 # --- configs -----------------------------------------------------------------
 
 

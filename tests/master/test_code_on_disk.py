@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from master_harness import install_metadata
 
 from hapymaster import forkserver
 
@@ -26,17 +27,6 @@ def make_site(root: Path, version: str) -> Path:
     (package / "worker" / "h1.py").write_text("X = 1\n")
     install_metadata(site, version)
     return site
-
-
-def install_metadata(site: Path, version: str) -> None:
-    """As dpkg leaves it: the old *.dist-info gone, one named after the new version."""
-    for old in site.glob("hapymaster-*.dist-info"):
-        for item in old.iterdir():
-            item.unlink()
-        old.rmdir()
-    info = site / f"hapymaster-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: hapymaster\nVersion: {version}\n")
 
 
 @pytest.fixture

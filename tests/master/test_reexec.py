@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 
 from master_harness import (HOOKS, connection_owner, copy_of_package, free_port, http_config,
-                            http_get, pid_alive, tcp_config, wait_for, worker_fault)
+                            http_get, install_metadata, pid_alive, tcp_config, wait_for,
+                            worker_fault)
 
 
 def listen_inode(port: int) -> str:
@@ -31,17 +32,6 @@ def listen_inode(port: int) -> str:
 def set_version(site: Path, old: str, new: str) -> None:
     init = site / "hapymaster" / "__init__.py"
     init.write_text(init.read_text().replace(f'__version__ = "{old}"', f'__version__ = "{new}"'))
-
-
-def install_metadata(site: Path, version: str) -> None:
-    """What dpkg leaves next to the package: the version importlib.metadata reads."""
-    for old in site.glob("hapymaster-*.dist-info"):
-        for item in old.iterdir():
-            item.unlink()
-        old.rmdir()
-    info = site / f"hapymaster-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: hapymaster\nVersion: {version}\n")
 
 
 def master_line(master) -> list[str]:  # type: ignore[no-untyped-def]
