@@ -147,6 +147,23 @@ def _get(sock: socket.socket) -> bytes:
 NOFILE = 400
 
 
+def test_the_maxconn_derived_from_the_fd_limit_is_logged_once_not_at_every_reload(backend,
+                                                                                 bind, run_worker):
+    origin = backend("a")
+    first = run_worker(http_config(bind("web"), [("a", origin.address)]), nofile=NOFILE)
+    _wait_log(first, f"the file descriptor limit ({NOFILE}")
+    derived = int(re.search(r"Maxconn: (\d+)", first.cli("show info")).group(1))
+    assert 0 < derived < NOFILE // 2
+    # A worker of a later generation applies the limit too (its budget also
+    # counts the descriptors open at its start), silently.
+    later = run_worker(http_config(bind("web2"), [("a", origin.address)]), nofile=NOFILE,
+                       generation=2)
+    _wait_log(later, "ready:")
+    capped = int(re.search(r"Maxconn: (\d+)", later.cli("show info")).group(1))
+    assert abs(capped - derived) <= 4, (capped, derived)
+    assert "file descriptor limit" not in later.log, later.log
+
+
 def test_a_low_fd_limit_makes_clients_wait_instead_of_being_dropped(backend, bind, run_worker):
     """ulimit -n caps maxconn (2 descriptors per client): beyond it clients wait, none is closed.
 
