@@ -38,11 +38,11 @@ def test_http_check_takes_server_out_and_back(backend, bind, run_worker):
     b.health_status = 503
     wait_for(lambda: server_status(worker, "b") == "DOWN")
     assert {origin_of(http_get(front)[2]) for _ in range(4)} == {"a"}
-    assert "Server app/b is DOWN" in worker.log and "L7STS" in worker.log
+    wait_for(lambda: "Server app/b is DOWN" in worker.log and "L7STS" in worker.log)
     b.health_status = 200
     wait_for(lambda: server_status(worker, "b") == "UP")
     assert {origin_of(http_get(front)[2]) for _ in range(4)} == {"a", "b"}
-    assert "Server app/b is UP" in worker.log
+    wait_for(lambda: "Server app/b is UP" in worker.log)
 
 
 def test_tcp_check_and_expect_range(backend, bind, run_worker):
