@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import (OURS, REPO, VENV, VENV_PY, CpuCap, Foreign, ProcList, WrkResult, log_tail,
-                    parse_wrk, show_proc, start, stop, wait_port, wait_serving, wrk_cmd)
+from common import (OURS, REPO, VENV, VENV_PY, CpuCap, Foreign, ProcList, WrkResult, children,
+                    log_tail, parse_wrk, show_proc, start, stop, wait_port, wait_serving,
+                    wrk_cmd)
 from configs import HAP_HTTP, HAP_PROBE, HAPY_HTTP, HARD_STOP_AFTER, write_haproxy, write_hapymaster
 
 WORKERS = 2                        # hapymaster workers; HAProxy nbthread (one worker process)
@@ -278,19 +279,10 @@ def under_load(proxy, conns: int, headers: tuple[str, ...], count: int, interval
 
 def descendants(pid: int) -> list[int]:
     """``pid`` and every process below it (its template, spare, workers...)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry))
     found, todo = [], [pid]
     while todo:
         found.append(todo.pop())
-        todo += parents.get(found[-1], [])
+        todo += children(found[-1])
     return found
 
 
