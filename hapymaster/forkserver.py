@@ -225,7 +225,7 @@ class ForkServer:
     @property
     def version(self) -> str:
         """The installed version when the template started: what its workers run."""
-        return self.signature[0] if self.signature else installed_version()
+        return self.signature[0] if self.signature else self.code.installed_version()
 
     def running(self) -> bool:
         """True if the template is up. It never speaks unasked: anything to read is EOF."""
