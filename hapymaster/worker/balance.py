@@ -35,8 +35,36 @@ class Counters:
                  "chkfail", "chkdown", "downtime", "ctime_sum", "rtime_sum", "ttime_sum")
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        # Spelt out, not a loop over __slots__: the compiled request path
+        # (mypyc) reads these as typed int fields.
+        self.stot: int = 0
+        self.bin: int = 0
+        self.bout: int = 0
+        self.req_tot: int = 0
+        self.hrsp_1xx: int = 0
+        self.hrsp_2xx: int = 0
+        self.hrsp_3xx: int = 0
+        self.hrsp_4xx: int = 0
+        self.hrsp_5xx: int = 0
+        self.hrsp_other: int = 0
+        self.ereq: int = 0
+        self.econ: int = 0
+        self.eresp: int = 0
+        self.wretr: int = 0
+        self.wredis: int = 0
+        self.cli_abrt: int = 0
+        self.srv_abrt: int = 0
+        self.dreq: int = 0
+        self.dresp: int = 0
+        self.lbtot: int = 0
+        self.smax: int = 0
+        self.qmax: int = 0
+        self.chkfail: int = 0
+        self.chkdown: int = 0
+        self.downtime: int = 0
+        self.ctime_sum: int = 0
+        self.rtime_sum: int = 0
+        self.ttime_sum: int = 0
 
     def status(self, code: int) -> None:
         klass = code // 100

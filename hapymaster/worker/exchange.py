@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from hapymaster.worker.balance import BackendState, Counters, ServerState
+    from hapymaster.worker.server_conn import HttpServer
 
 # Write buffer limit of every proxied transport: beyond it the other side's
 # reading is paused (pause_writing). One value for HTTP and TCP.
@@ -73,53 +74,53 @@ class Exchange:
     """
 
     # -- the request as parsed
-    url = b""
-    method = b""
-    version = "1.1"
-    head_size = 0
-    host = b""
-    hosts = 0                # Host fields received (RFC 9112 3.2: one, or none in HTTP/1.0)
-    te_chunked = None        # Transfer-Encoding seen: does its last coding so far say chunked?
-    keep_alive = True        # the client's wish (HTTP/1.0 without keep-alive, Connection: close)
-    upgrade = False          # Connection: upgrade asked
-    leftover = b""           # bytes after an Upgrade head: the new protocol's, or the next request
+    url: bytes = b""
+    method: bytes = b""
+    version: str = "1.1"
+    head_size: int = 0
+    host: bytes = b""
+    hosts: int = 0                      # Host fields received (RFC 9112 3.2: one, or none in HTTP/1.0)
+    te_chunked: bool | None = None      # Transfer-Encoding seen: does its last coding so far say chunked?
+    keep_alive: bool = True             # the client's wish (HTTP/1.0 without keep-alive, Connection: close)
+    upgrade: bool = False               # Connection: upgrade asked
+    leftover: bytes = b""               # bytes after an Upgrade head: the new protocol's, or the next request
     # -- the request body
-    headers_done = False
-    complete = False         # the whole request (head and body) was received
-    chunked = False          # sent on chunked
-    has_body = False
-    body_size = 0            # counted against max_body_size
-    body_left = -2           # bytes of a Content-Length body still to come; -2: not looked yet
-    pending_size = 0
-    streaming = False        # attached to a server connection: body chunks go straight to it
+    headers_done: bool = False
+    complete: bool = False              # the whole request (head and body) was received
+    chunked: bool = False               # sent on chunked
+    has_body: bool = False
+    body_size: int = 0                  # counted against max_body_size
+    body_left: int = -2                 # bytes of a Content-Length body still to come; -2: not looked yet
+    pending_size: int = 0
+    streaming: bool = False             # attached to a server connection: body chunks go straight to it
     # -- the server side
     backend: "BackendState | None" = None
-    server: "ServerState | None" = None       # holds a slot (counted in) while set
-    server_last: "ServerState | None" = None  # the server it had, for logs and counters
-    conn = None                               # the server connection, while attached
-    retries = 0
+    server: "ServerState | None" = None         # holds a slot (counted in) while set
+    server_last: "ServerState | None" = None    # the server it had, for logs and counters
+    conn: "HttpServer | None" = None            # the server connection, while attached
+    retries: int = 0
     # -- the response
-    status = 0
-    resp_started = False     # its head went to the client
-    resp_chunked = False     # the proxy chunks the body to the client
-    resp_close = False       # the body ends when the server closes
-    client_ka = True         # the client connection stays open after it
+    status: int = 0
+    resp_started: bool = False          # its head went to the client
+    resp_chunked: bool = False          # the proxy chunks the body to the client
+    resp_close: bool = False            # the body ends when the server closes
+    client_ka: bool = True              # the client connection stays open after it
     # -- accounting
-    bytes_in = 0
-    bytes_out = 0
-    t_head = -1.0
-    t_queue = -1.0
-    t_connect = -1.0
-    t_response = -1.0
-    term = "--"              # HAProxy's termination state, first two letters
-    logged = False
+    bytes_in: int = 0
+    bytes_out: int = 0
+    t_head: float = -1.0
+    t_queue: float = -1.0
+    t_connect: float = -1.0
+    t_response: float = -1.0
+    term: str = "--"                    # HAProxy's termination state, first two letters
+    logged: bool = False
 
-    # Body chunks held until the server connection is ready: a tuple (never
-    # appended to) until on_body needs a list; most requests have no body.
-    pending: "list[bytes] | tuple[()]" = ()
+    # Body chunks held until the server connection is ready; None until
+    # on_body needs a list: most requests have no body.
+    pending: "list[bytes] | None" = None
 
-    def __init__(self, now: float):
-        self.t_start = now
+    def __init__(self, now: float) -> None:
+        self.t_start: float = now
         self.headers: list[tuple[bytes, bytes]] = []
 
     def account(self, frontend: "Counters", aborted: bool) -> None:

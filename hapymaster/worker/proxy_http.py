@@ -82,7 +82,7 @@ class _ParseStop(Exception):
         self.code = code
 
 
-class HttpClient(asyncio.Protocol):
+class HttpClient:
     """The client side of an HTTP frontend connection."""
 
     # One per client connection, idle ones included: slots instead of a
@@ -150,10 +150,11 @@ class HttpClient(asyncio.Protocol):
             self.deadline = now + self.fe.timeout.head
         elif phase == IDLE:
             self.deadline = now + self.fe.timeout.http_keep_alive
-        elif phase == QUEUE:
-            self.deadline = now + self.reqs[0].backend.timeout.queue
-        elif phase == CONNECT:
-            self.deadline = now + self.reqs[0].backend.timeout.connect
+        elif phase == QUEUE or phase == CONNECT:
+            backend = self.reqs[0].backend
+            assert backend is not None      # routed before it queues or connects
+            timeout = backend.timeout
+            self.deadline = now + (timeout.queue if phase == QUEUE else timeout.connect)
 
     def expire(self, now: float) -> None:
         """Called by the sweeper on every tick: act on the phase's timeout if it passed."""
@@ -364,7 +365,9 @@ class HttpClient(asyncio.Protocol):
         if self.tunnel:
             req = self.reqs[0]
             req.bytes_in += len(data)
-            self.srv.transport.write(data)
+            srv = self.srv
+            assert srv is not None
+            srv.transport.write(data)
             return
         buf = self.head_buf
         if buf:
@@ -439,9 +442,9 @@ class HttpClient(asyncio.Protocol):
             self.parsed = None
             self._bad_request(exc.code)
             return size
-        except HttpParserError as exc:
+        except HttpParserError as err:     # not "exc": compiled, a name has one type
             self.parsed = None
-            cause = exc.__context__
+            cause = err.__context__
             self._bad_request(cause.code if isinstance(cause, _ParseStop) else 400)
             return size
         parsed = self.parsed
@@ -465,6 +468,7 @@ class HttpClient(asyncio.Protocol):
     def _pass_body(self, data: bytes, pos: int) -> int:
         """Some of self.req's Content-Length body, from ``pos``; return where it stopped."""
         req = self.req
+        assert req is not None
         size = len(data)
         end = min(size, pos + req.body_left)
         try:
@@ -481,8 +485,10 @@ class HttpClient(asyncio.Protocol):
     def _pass_chunks(self, data: bytes, pos: int) -> int:
         """Some of self.req's chunked body, from ``pos``; return where it stopped."""
         size = len(data)
+        chunks = self.chunks
+        assert chunks is not None
         try:
-            pieces, end = self.chunks.feed(data, pos)
+            pieces, end = chunks.feed(data, pos)
             for piece in pieces:
                 self.on_body(piece)
         except _ParseStop as exc:
@@ -511,12 +517,14 @@ class HttpClient(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         req = self.req
+        assert req is not None
         req.url += url
         if len(req.url) > MAX_URL:
             raise _ParseStop(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
+        assert req is not None
         if req.headers_done:
             return  # trailers of a chunked body: not forwarded
         req.headers.append((name, value))
@@ -534,6 +542,7 @@ class HttpClient(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         req = self.req
+        assert req is not None
         parser = self.parser
         req.headers_done = True
         req.t_head = self.t_io
@@ -571,6 +580,7 @@ class HttpClient(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         req = self.req
+        assert req is not None
         size = len(body)
         left = req.body_left
         if left == -2:
@@ -600,6 +610,7 @@ class HttpClient(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         req = self.req
+        assert req is not None
         self.req = None
         req.complete = True
         if not req.keep_alive:
@@ -607,7 +618,7 @@ class HttpClient(asyncio.Protocol):
         if self.phase == DRAIN:
             self._next_request()
         elif req.streaming:
-            if req.chunked:
+            if req.chunked and req.conn is not None:
                 req.conn.transport.write(LAST_CHUNK)
             if self.phase == BODY:
                 self.enter(WAIT, self.t_io)     # read by data_received just now
@@ -655,7 +666,9 @@ class HttpClient(asyncio.Protocol):
         self._take_server(req, now)
 
     def _take_server(self, req: Exchange, now: float) -> None:
-        server = req.backend.take(self, self.client_key)
+        backend = req.backend
+        assert backend is not None          # routed by _dispatch
+        server = backend.take(self, self.client_key)
         if server is None:
             self.enter(QUEUE, now)
             return
@@ -696,7 +709,9 @@ class HttpClient(asyncio.Protocol):
         self.connect_task = asyncio.ensure_future(self._open(req, server))
 
     async def _open(self, req: Exchange, server: ServerState) -> None:
-        loop = self.w.loop
+        # Any: HttpServer is a protocol by its methods, not an asyncio.Protocol
+        # subclass (a compiled class cannot derive from that Python class).
+        loop: Any = self.w.loop
         try:
             _, conn = await loop.create_connection(lambda: HttpServer(self.w, server),
                                                    server.host, server.port)
@@ -715,9 +730,10 @@ class HttpClient(asyncio.Protocol):
         self._attach(req, conn, now)
 
     def _connect_failed(self, req: Exchange, why: str) -> None:
-        server = req.server
+        server, backend = req.server, req.backend
+        assert server is not None and backend is not None   # it was connecting to server
         server.counters.econ += 1
-        req.backend.counters.econ += 1
+        backend.counters.econ += 1
         self._release_server(req)
         if req.retries < 3 and not self.closed:
             # Like HAProxy's "retries 3" with "option redispatch": try again,
@@ -751,7 +767,9 @@ class HttpClient(asyncio.Protocol):
         # replaces the client's Host (RFC 9112 3.2.2).
         url = req.url
         target_host = authority(url) if url[:1] != b"/" else b""
-        default_host = b"" if req.version == "1.1" else req.server.address.encode()
+        server = req.server
+        assert server is not None           # attached: it holds a slot
+        default_host = b"" if req.version == "1.1" else server.address.encode()
         head, req.host, chunked, has_body = request_head(
             req.method, url, req.headers, req.upgrade, forwarding, self.fe.request_skip,
             self.trusted_ip, default_host, target_host)
@@ -771,7 +789,7 @@ class HttpClient(asyncio.Protocol):
                 transport.writelines(parts)
             else:
                 transport.writelines([head, *req.pending])
-            req.pending = ()
+            req.pending = None
             req.pending_size = 0
             self.resume_reading_for(R_PENDING)
         else:
@@ -787,6 +805,7 @@ class HttpClient(asyncio.Protocol):
 
     def response_head(self, conn: HttpServer, status: int) -> None:
         req = conn.ex
+        assert req is not None
         if status < 200 and status != 101:
             # Interim responses (100 Continue, 103) go to HTTP/1.1 clients only.
             if req.version == "1.1":
@@ -821,6 +840,7 @@ class HttpClient(asyncio.Protocol):
 
     def response_body(self, conn: HttpServer, body: bytes) -> None:
         req = conn.ex
+        assert req is not None
         req.bytes_out += len(body)
         out = self.out
         if out is None:
@@ -911,6 +931,7 @@ class HttpClient(asyncio.Protocol):
     def start_tunnel(self, conn: HttpServer, rest: bytes) -> None:
         """The server answered 101: from now on bytes flow unparsed both ways."""
         req = conn.ex
+        assert req is not None
         self.tunnel = True
         conn.tunnel = True
         self.enter(TUNNEL, self.w.clock())
@@ -953,6 +974,7 @@ class HttpClient(asyncio.Protocol):
                 self.abort()
                 return
             req.term = "SD"
+            assert req.server is not None   # attached until _release_server below
             req.server.counters.srv_abrt += 1
             self._release_server(req)
             self._finish_log(req)
@@ -963,6 +985,7 @@ class HttpClient(asyncio.Protocol):
             # never reached it. Send it again on a fresh connection.
             req.streaming = False
             req.bytes_in = 0
+            assert req.server is not None
             self._connect(req, req.server)
             return
         req.term = "SH"
@@ -1064,6 +1087,6 @@ def trusted(ip: str, networks: tuple) -> bool:
     return any(address in net for net in networks)
 
 
-def http_client_factory(worker: "Worker", frontend: "FrontendState") -> "asyncio.BaseProtocol":
+def http_client_factory(worker: "Worker", frontend: "FrontendState") -> HttpClient:
     """The protocol of one client connection on an HTTP frontend."""
     return HttpClient(worker, frontend)

@@ -27,7 +27,7 @@ HttpParserUpgrade = httptools.HttpParserUpgrade
 R_SERVER = int(Pause.SERVER)
 
 
-class HttpServer(asyncio.Protocol):
+class HttpServer:
     """A connection to one server; in its pool when idle."""
 
     def __init__(self, worker: "Worker", server: "ServerState"):
@@ -113,7 +113,9 @@ class HttpServer(asyncio.Protocol):
             self._pass_body(client, data)
             return
         if self.tunnel:
-            self.ex.bytes_out += len(data)
+            ex = self.ex
+            assert ex is not None
+            ex.bytes_out += len(data)
             client.transport.write(data)
             return
         out = client.out = []
@@ -151,6 +153,7 @@ class HttpServer(asyncio.Protocol):
         left = self.body_left
         size = len(data)
         ex = self.ex
+        assert ex is not None
         if size < left:
             self.body_left = left - size
             ex.bytes_out += size
@@ -184,6 +187,7 @@ class HttpServer(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         client = self.client
+        assert client is not None
         if status < 200 and status != 101:
             client.response_head(self, status)
             self.fwd = [b""]

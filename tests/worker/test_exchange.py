@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from fake_transport import FakeTransport, connect, inprocess_worker
+from hapymaster.worker.accesslog import AccessLog, Sink
 from hapymaster.worker.exchange import Phase
 from hapymaster.worker.proxy_http import HttpClient
 from hapymaster.worker.server_conn import HttpServer
@@ -30,26 +31,41 @@ GET = b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
+class RecordingSink(Sink):
+    """Keeps (termination state, status) of each record the worker's access log writes."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[str, int]] = []
+
+    def render(self, records, lines, wall):
+        # An http() record: status at index 11, termination state at 13.
+        self.logged += [(record[13], record[11]) for record in records]
+
+    def send(self, rendered):
+        return 0, None
+
+
 class Proxy:
     """One client connection and one pooled server connection of an in-process worker."""
 
     def __init__(self, config: str = CONFIG):
         self.worker = inprocess_worker(config)
-        self.logged: list[tuple[str, int]] = []
         self.server = self.worker.backends["app"].servers[0]
         self.conn = HttpServer(self.worker, self.server)
         self.server_side = connect(self.conn, FakeTransport(("127.0.0.1", 9)))
         self.conn.release(True)
-        logged = self.logged
-
-        class Recording(HttpClient):
-            """Records what would be logged, instead of logging it."""
-
-            def log_exchange(self, req, server):
-                logged.append((req.term, req.status))
-
-        self.client: HttpClient = Recording(self.worker, self.worker.frontends[0])
+        self.sink = RecordingSink()
+        self.worker.access_log = AccessLog(self.worker.loop, self.sink)
+        self.client = HttpClient(self.worker, self.worker.frontends[0])
         self.client_side = connect(self.client, FakeTransport())
+
+    @property
+    def logged(self) -> list[tuple[str, int]]:
+        """What was logged so far (written now, not at the end of the loop iteration)."""
+        self.worker.access_log.flush()
+        return self.sink.logged
 
     def run_callbacks(self) -> None:
         self.worker.loop.run_until_complete(asyncio.sleep(0))
