@@ -12,13 +12,11 @@ runs its own, new, parser on exactly the bytes the master validated).
 
 from __future__ import annotations
 
-import difflib
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Iterable
-
-import yaml
 
 DEFAULT_CONFIG_PATH = "/etc/hapymaster/hapymaster.yaml"
 DEFAULT_MASTER_SOCKET = "/run/hapymaster/master.sock"
@@ -295,41 +293,53 @@ class _Seq(list):
     item_lines: list[int]
 
 
-# libyaml's parser when PyYAML has it (Debian's python3-yaml does): ten times
-# faster on a config than the pure-Python one, and every worker parses the
-# config at boot, on the reload's critical path. Its nodes carry the same marks.
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+@functools.cache
+def _yaml_loader() -> Any:
+    """The YAML loader class that records lines, made (and yaml imported) on first use.
 
+    Not at import: a worker imports this module for the classes of the
+    config the master pickled for it, and never parses. PyYAML (libyaml) in
+    the worker template was 0.4 MiB of every worker's idle RSS (issue 9),
+    for the rare template that parses (it runs newer code than the master).
+    """
+    import yaml
 
-class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> _Map:  # type: ignore[override]
-        self.flatten_mapping(node)
-        result = _Map()
-        result.line = node.start_mark.line + 1
-        result.key_lines = {}
-        for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if not isinstance(key, str):
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} must be a string", key_node.start_mark)
-            if key in result:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {result.key_lines[key]})",
-                    key_node.start_mark)
-            result[key] = self.construct_object(value_node, deep=True)
-            result.key_lines[key] = line
-        return result
+    # libyaml's parser when PyYAML has it (Debian's python3-yaml does): ten
+    # times faster on a config than the pure-Python one, on the reload's
+    # critical path in the master. Its nodes carry the same marks.
+    safe_loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    constructor_error = yaml.constructor.ConstructorError
 
-    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> _Seq:  # type: ignore[override]
-        result = _Seq(self.construct_object(child, deep=True) for child in node.value)
-        result.line = node.start_mark.line + 1
-        result.item_lines = [child.start_mark.line + 1 for child in node.value]
-        return result
+    class Loader(safe_loader):  # type: ignore[misc, valid-type]
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> _Map:  # type: ignore[override]
+            self.flatten_mapping(node)
+            result = _Map()
+            result.line = node.start_mark.line + 1
+            result.key_lines = {}
+            for key_node, value_node in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if not isinstance(key, str):
+                    raise constructor_error(
+                        None, None, f"key {key!r} must be a string", key_node.start_mark)
+                if key in result:
+                    raise constructor_error(
+                        None, None,
+                        f"duplicate key {key!r} (first at line {result.key_lines[key]})",
+                        key_node.start_mark)
+                result[key] = self.construct_object(value_node, deep=True)
+                result.key_lines[key] = line
+            return result
 
+        def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> _Seq:  # type: ignore[override]
+            result = _Seq(self.construct_object(child, deep=True) for child in node.value)
+            result.line = node.start_mark.line + 1
+            result.item_lines = [child.start_mark.line + 1 for child in node.value]
+            return result
 
-_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_mapping)
-_Loader.add_constructor("tag:yaml.org,2002:seq", _Loader.construct_sequence)
+    Loader.add_constructor("tag:yaml.org,2002:map", Loader.construct_mapping)
+    Loader.add_constructor("tag:yaml.org,2002:seq", Loader.construct_sequence)
+    return Loader
 
 
 class _Parser:
@@ -687,6 +697,7 @@ def _kind(value: Any) -> str:
 
 
 def _suggest(key: str, allowed: tuple[str, ...]) -> str:
+    import difflib   # only for a config with a mistake: not in every worker (issue 9)
     close = difflib.get_close_matches(key, allowed, n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (expected one of: {', '.join(allowed)})"
 
@@ -800,8 +811,10 @@ def _status_range(value: Any) -> tuple[int, int]:
 
 def parse_config(text: str, filename: str) -> Config:
     """Parse and validate config text; raise ConfigError with every problem found."""
+    loader = _yaml_loader()
+    import yaml   # imported by _yaml_loader(): a dict lookup
     try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a (C)SafeLoader
+        doc = yaml.load(text, Loader=loader)  # noqa: S506 - a (C)SafeLoader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1

@@ -53,6 +53,9 @@ from .sdnotify import child_environment, setup_logging
 log = logging.getLogger("hapymaster.master")
 
 FD_ENV = "HAPYMASTER_FORKSERVER_FD"
+# Set (to "1") when the template will be sent config text, not the master's
+# pickle: it runs other code than the master (see ForkServer.spawn).
+PARSES_ENV = "HAPYMASTER_FORKSERVER_PARSES"
 # A spawn is two forks in a process that does nothing else: milliseconds. A
 # template that takes longer is hung, and the master must not wait on it.
 SPAWN_TIMEOUT = 5.0
@@ -262,6 +265,8 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = child_environment()
         env[FD_ENV] = str(theirs.fileno())
+        if signature != self.image:
+            env[PARSES_ENV] = "1"
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "hapymaster.forkserver"], env=env,
@@ -377,8 +382,11 @@ class ForkServer:
 
 # --- the template process ----------------------------------------------------
 
-def serve(fd: int) -> int:
-    """The template: import the worker once, then fork the workers each request asks for."""
+def serve(fd: int, parses: bool = False) -> int:
+    """The template: import the worker once, then fork the workers each request asks for.
+
+    ``parses``: it will be sent config text to parse, not the master's pickle.
+    """
     sock = socket.socket(fileno=fd)
     setup_logging("worker")
     with open("/proc/self/comm", "rb") as comm:
@@ -397,10 +405,14 @@ def serve(fd: int) -> int:
             why = f"{exc.filename}:{exc.lineno}: {type(exc).__name__}: {exc.msg}"
         sock.send(json.dumps({"error": why}).encode())
         return 1
-    # One parse here runs what the config parser sets up on first use, once
-    # for all workers (measured: -0.7 ms CPU of the ~4.5 ms a forked worker
-    # spends parsing a small config).
-    parse_config(EMBEDDED_CONFIG, "<warm-up>")
+    if parses:
+        # One parse here imports PyYAML and runs what the config parser sets
+        # up on first use, once for all workers, not in every intermediate
+        # process (measured: -0.7 ms CPU of the ~4.5 ms a forked worker spent
+        # parsing a small config). Only then: with the master's pickle no
+        # worker parses, and PyYAML with that state was 0.4 MiB of each
+        # one's idle RSS (bench/worker_rss.py, issue 9).
+        parse_config(EMBEDDED_CONFIG, "<warm-up>")
     # glibc's malloc settings are the process's memory: every fork inherits
     # them; so does asyncio's event loop policy, made on first use.
     worker_main.keep_freed_memory()
@@ -700,4 +712,4 @@ if __name__ == "__main__":
         print(f"{FD_ENV} is not set: the worker template is started by the master",
               file=sys.stderr)
         sys.exit(2)
-    sys.exit(serve(int(fd_text)))
+    sys.exit(serve(int(fd_text), parses=os.environ.pop(PARSES_ENV, "") == "1"))
