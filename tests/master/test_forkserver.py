@@ -87,6 +87,27 @@ def test_workers_are_forked_from_the_template_and_the_master_is_their_parent(
     wait_for(lambda: http_get(port)[0] == 200, what="the replacement to serve")
 
 
+def mapped_files(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as handle:
+        return {line.split(None, 5)[5].strip() for line in handle if len(line.split(None, 5)) > 5}
+
+
+def test_workers_load_neither_pyyaml_nor_libsystemd(master_factory, http_backend):
+    # Issue 9: a worker's idle RSS. It gets the master's parsed config (a
+    # pickle) and logs to journald by the native protocol itself, so PyYAML
+    # (libyaml) and systemd-python (libsystemd) are for the master alone.
+    # A template running other code than the master (after an upgrade) is
+    # sent the text, and parses it.
+    backend = http_backend("s1")
+    port = free_port()
+    master = master_factory(http_config(port, [backend.address]))
+    assert http_get(port)[0] == 200
+    for pid in (template_of(master), *master.workers()):
+        loaded = mapped_files(pid)
+        assert not [path for path in loaded if "_yaml" in path or "libsystemd" in path], loaded
+    assert [path for path in mapped_files(master.pid) if "_yaml" in path]   # the check checks
+
+
 def spare_of(template: int) -> int:
     """The template's spare intermediate process (its one live child when idle)."""
     assert len([c for c in children(template) if pid_alive(c)]) <= 1
