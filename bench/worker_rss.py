@@ -19,6 +19,7 @@ import argparse
 import atexit
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,14 @@ def smaps_by_name(pid: int) -> dict[str, tuple[int, int]]:
         elif fields[0] in ("Private_Clean:", "Private_Dirty:"):
             sizes[name][1] += int(fields[1])
     return {name: (rss, private) for name, (rss, private) in sizes.items()}
+
+
+def port_answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.3).close()
+        return True
+    except OSError:
+        return False
 
 
 def template_pid(worker: int) -> int | None:
@@ -92,6 +101,12 @@ def main() -> int:
                     help="run DIR/hapymaster (e.g. git archive of a ref, with the mypyc .so "
                     "files copied in), not the working tree's")
     args = ap.parse_args()
+    busy = [port for port in (NGINX_PORT, HAPY_HTTP) if port_answers(port)]
+    if busy:
+        # A bench/run going on (same ports): its nginx would answer for ours,
+        # and a master of ours would share its listeners (SO_REUSEPORT).
+        raise SystemExit(f"worker_rss: something already listens on 127.0.0.1 port(s) {busy}; "
+                         "wait for it to finish")
     wd = Path(tempfile.mkdtemp(prefix="hapy-rss-"))
     atexit.register(lambda: shutil.rmtree(wd, ignore_errors=True))
     atexit.register(stop_all)
