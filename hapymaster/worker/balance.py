@@ -26,17 +26,20 @@ ADMIN_STATES = ("ready", "drain", "maint")
 NO_SERVER = object()
 
 
+# The counters' names, in the order of the stats; stats.py sums them across
+# workers. A tuple of its own: compiled, the class has no __slots__ to read.
+COUNTER_FIELDS = ("stot", "bin", "bout", "req_tot", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx",
+                  "hrsp_4xx", "hrsp_5xx", "hrsp_other", "ereq", "econ", "eresp", "wretr",
+                  "wredis", "cli_abrt", "srv_abrt", "dreq", "dresp", "lbtot", "smax", "qmax",
+                  "chkfail", "chkdown", "downtime", "ctime_sum", "rtime_sum", "ttime_sum")
+
+
 class Counters:
     """Monotonic counters of one proxy or server, summed across workers."""
 
-    __slots__ = ("stot", "bin", "bout", "req_tot", "hrsp_1xx", "hrsp_2xx", "hrsp_3xx",
-                 "hrsp_4xx", "hrsp_5xx", "hrsp_other", "ereq", "econ", "eresp", "wretr",
-                 "wredis", "cli_abrt", "srv_abrt", "dreq", "dresp", "lbtot", "smax", "qmax",
-                 "chkfail", "chkdown", "downtime", "ctime_sum", "rtime_sum", "ttime_sum")
-
     def __init__(self) -> None:
-        # Spelt out, not a loop over __slots__: the compiled request path
-        # (mypyc) reads these as typed int fields.
+        # Spelt out, not a loop over COUNTER_FIELDS: the compiled request
+        # path (mypyc) reads these as typed int fields.
         self.stot: int = 0
         self.bin: int = 0
         self.bout: int = 0
@@ -82,7 +85,7 @@ class Counters:
             self.hrsp_other += 1
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in COUNTER_FIELDS}
 
 
 def _mix64(value: int) -> int:
@@ -298,12 +301,13 @@ class BackendState:
         # Smooth weighted round robin (nginx): a weight 5/1/1 set gives
         # a a b a c a a, not a a a a a b c.
         total = 0
-        best = None
+        best: ServerState | None = None
         for server in servers:
             server.current_weight += server.weight
             total += server.weight
             if best is None or server.current_weight > best.current_weight:
                 best = server
+        assert best is not None     # servers is never empty (take, wake)
         best.current_weight -= total
         return best
 
@@ -312,13 +316,14 @@ class BackendState:
         # backend still spreads requests.
         self._rotate += 1
         count = len(servers)
-        best = None
+        best: ServerState | None = None
         best_load = 0.0
         for index in range(count):
             server = servers[(index + self._rotate) % count]
             load = (server.cur + 1) / server.weight
             if best is None or load < best_load:
                 best, best_load = server, load
+        assert best is not None
         return best
 
     def _pick_source(self, servers: list[ServerState], key: bytes) -> ServerState:
@@ -326,13 +331,14 @@ class BackendState:
         # by a hash of (address, server); when a server leaves only its own
         # clients move, and they come back when it returns.
         client = zlib.crc32(key)
-        best = None
+        best: ServerState | None = None
         best_score = 0.0
         for server in servers:
             hashed = _mix64(client ^ server.seed)
             score = -server.weight / math.log((hashed + 1) / 18446744073709551617.0)
             if best is None or score > best_score:
                 best, best_score = server, score
+        assert best is not None
         return best
 
     def _pick_first(self, servers: list[ServerState], key: bytes) -> ServerState:

@@ -24,7 +24,7 @@ PARKED, QUEUE, CONNECT, TUNNEL = (int(p) for p in (Phase.PARKED, Phase.QUEUE, Ph
                                                   Phase.TUNNEL))
 
 
-class TcpClient(asyncio.Protocol):
+class TcpClient:
     def __init__(self, worker: "Worker", frontend: "FrontendState"):
         self.w = worker
         self.fe = frontend
@@ -104,8 +104,10 @@ class TcpClient(asyncio.Protocol):
 
     async def _open(self, server: ServerState) -> None:
         try:
-            _, srv = await self.w.loop.create_connection(lambda: TcpServer(self), server.host,
-                                                         server.port)
+            # Any: TcpServer is a protocol by its methods, not an asyncio.Protocol subclass.
+            loop: Any = self.w.loop
+            _, srv = await loop.create_connection(lambda: TcpServer(self), server.host,
+                                                  server.port)
         except asyncio.CancelledError:
             return
         except OSError as exc:
@@ -246,7 +248,7 @@ class TcpClient(asyncio.Protocol):
             len(backend.queue))
 
 
-class TcpServer(asyncio.Protocol):
+class TcpServer:
     def __init__(self, client: TcpClient):
         self.client: TcpClient | None = client
         self.transport: Any = None
@@ -288,6 +290,6 @@ class TcpServer(asyncio.Protocol):
             client.server_lost()
 
 
-def tcp_client_factory(worker: "Worker", frontend: "FrontendState") -> asyncio.BaseProtocol:
+def tcp_client_factory(worker: "Worker", frontend: "FrontendState") -> TcpClient:
     """The protocol of one client connection on a TCP frontend."""
     return TcpClient(worker, frontend)

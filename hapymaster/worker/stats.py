@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from hapymaster.counters import merge
-from hapymaster.worker.balance import Counters
+from hapymaster.worker.balance import COUNTER_FIELDS
 
 if TYPE_CHECKING:
     from hapymaster.worker.process import Worker
@@ -36,7 +36,7 @@ CSV_FIELDS = ("pxname", "svname", "qcur", "qmax", "scur", "smax", "slim", "stot"
               "check_status", "check_code", "check_duration", "hrsp_1xx", "hrsp_2xx",
               "hrsp_3xx", "hrsp_4xx", "hrsp_5xx", "hrsp_other", "hanafail", "req_rate",
               "req_rate_max", "req_tot", "cli_abrt", "srv_abrt")
-_SUMMED = Counters.__slots__
+_SUMMED = COUNTER_FIELDS
 
 
 def export_counters(worker: "Worker") -> dict[str, Any]:
