@@ -18,13 +18,14 @@ keep their connection) and HTTP/1.0 clients get with a close.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 # Limits in the spirit of HAProxy's tune.bufsize (16 kB): a request line
 # longer than MAX_URL gets 414, a header section beyond MAX_HEAD or more than
 # MAX_HEADERS fields gets 431.
-MAX_URL = 8192
-MAX_HEAD = 16384
-MAX_HEADERS = 100
+MAX_URL: Final = 8192
+MAX_HEAD: Final = 16384
+MAX_HEADERS: Final = 100
 
 # Headers that concern one hop only (RFC 9110 7.6.1) and are never forwarded;
 # the proxy writes its own framing and connection management.
@@ -39,7 +40,7 @@ NEVER_HOP = frozenset((b"host", b"content-length", b"close", b"keep-alive", b"up
 # headers are lowered and classified once.
 RESPONSE_SPECIAL = HOP_BY_HOP | {b"content-length"}
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def content_length(headers: list[tuple[bytes, bytes]]) -> int:
@@ -212,7 +213,7 @@ TCHARS = (b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 # method, CONNECT aside), and the real token is forwarded.
 PARSER_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH",
                             b"TRACE"))
-STAND_IN = b"GET"
+STAND_IN: Final = b"GET"
 VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 
 
@@ -321,7 +322,7 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*" + _TOKEN
                          + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*")
 # A trailer field line: name ":" value, no CTL but HTAB (trailers are read and dropped).
 _TRAILER = re.compile(_TOKEN + rb":[\t \x21-\x7e\x80-\xff]*")
-MAX_CHUNK_LINE = 4096
+MAX_CHUNK_LINE: Final = 4096
 
 _SIZE, _DATA, _DATA_END, _TRAILERS = range(4)
 
@@ -435,10 +436,10 @@ def switching_head(reason: bytes, fwd: list[bytes], special: list[tuple[bytes, b
 
 
 # What final_head decides about the body, beside the head itself.
-BODY_NONE = 0           # HEAD, 204, 304: nothing follows the head
-BODY_LENGTH = 1         # Content-Length from the server, passed as is
-BODY_CHUNKED = 2        # chunked from the server, chunked to the client
-BODY_UNTIL_CLOSE = 3    # until the server closes; chunked to HTTP/1.1 clients
+BODY_NONE: Final = 0           # HEAD, 204, 304: nothing follows the head
+BODY_LENGTH: Final = 1         # Content-Length from the server, passed as is
+BODY_CHUNKED: Final = 2        # chunked from the server, chunked to the client
+BODY_UNTIL_CLOSE: Final = 3    # until the server closes; chunked to HTTP/1.1 clients
 
 
 def final_head(status: int, reason: bytes, fwd: list[bytes],

@@ -9,10 +9,10 @@ the same for any protocol that keeps server connections.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 # Beyond this many idle connections to one server, a freed one is closed.
-MAX_IDLE_PER_SERVER = 256
+MAX_IDLE_PER_SERVER: Final = 256
 
 
 class ServerPool:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
@@ -40,7 +40,9 @@ from hapymaster.worker.h1 import (BODY_LENGTH, BODY_NONE, BODY_UNTIL_CLOSE, LAST
                                   request_line, switching_head, transfer_codings)
 from hapymaster.worker.balance import NO_SERVER, ServerState
 from hapymaster.worker.errors import ERROR_RESPONSES
-from hapymaster.worker.exchange import WRITE_HIGH, Exchange, Pause, Phase
+from hapymaster.worker.exchange import (BODY, CONNECT, DRAIN, HEAD, IDLE, PARKED, QUEUE, R_BAD,
+                                        R_PARKED, R_PENDING, R_PIPE, R_SERVER, R_UPGRADE,
+                                        TUNNEL, WAIT, WRITE_HIGH, Exchange)
 from hapymaster.worker.server_conn import HttpServer
 
 if TYPE_CHECKING:
@@ -52,26 +54,14 @@ HttpParserUpgrade = httptools.HttpParserUpgrade
 
 # Body bytes held for a request whose server connection is not there yet
 # (connecting, queued, pipelined): beyond this, stop reading the client.
-MAX_PENDING = 262144
+MAX_PENDING: Final = 262144
 # Up to this much of a request body still on its way after the server's
 # answer is read and dropped to keep the client connection; more: close.
-MAX_DRAIN = 16 << 20
+MAX_DRAIN: Final = 16 << 20
 # A keep-alive connection idle this long gives back its request parser
 # (~0.9 KiB of llhttp state, the largest part of an idle connection); the
 # next request makes a new one. Busy connections keep theirs.
-PARSER_IDLE = 1.0
-
-# The phases and pause reasons as module globals holding plain ints: the
-# hot path compares them several times per request, an attribute lookup on
-# an Enum class costs ~90 ns where a global costs ~20, and comparing enum
-# members misses the interpreter's int fast path. ``Phase(client.phase)``
-# names one.
-PARKED, HEAD, IDLE, QUEUE, CONNECT, BODY, WAIT, TUNNEL, DRAIN = (int(p) for p in (
-    Phase.PARKED, Phase.HEAD, Phase.IDLE, Phase.QUEUE, Phase.CONNECT, Phase.BODY, Phase.WAIT,
-    Phase.TUNNEL, Phase.DRAIN))
-R_PIPE, R_PENDING, R_SERVER, R_PARKED, R_UPGRADE, R_BAD = (
-    int(Pause.PIPE), int(Pause.PENDING), int(Pause.SERVER), int(Pause.PARKED),
-    int(Pause.UPGRADE), int(Pause.BAD))
+PARSER_IDLE: Final = 1.0
 
 
 class _ParseStop(Exception):
@@ -706,22 +696,29 @@ class HttpClient:
 
     def _connect(self, req: Exchange, server: ServerState) -> None:
         self.enter(CONNECT, self.w.clock())
-        self.connect_task = asyncio.ensure_future(self._open(req, server))
-
-    async def _open(self, req: Exchange, server: ServerState) -> None:
-        # Any: HttpServer is a protocol by its methods, not an asyncio.Protocol
-        # subclass (a compiled class cannot derive from that Python class).
+        # A task and its done callback, no coroutine of ours: mypyc 1.0
+        # (Debian 12's) mishandles an exception raised into a compiled
+        # coroutine ("TypeError: invalid exception object"). Any: HttpServer
+        # is a protocol by its methods, not an asyncio.Protocol subclass.
         loop: Any = self.w.loop
-        try:
-            _, conn = await loop.create_connection(lambda: HttpServer(self.w, server),
-                                                   server.host, server.port)
-        except asyncio.CancelledError:
+        worker = self.w
+        task = loop.create_task(loop.create_connection(
+            lambda: HttpServer(worker, server), server.host, server.port))
+        task.add_done_callback(lambda done: self._opened(done, req))
+        self.connect_task = task
+
+    def _opened(self, task: Any, req: Exchange) -> None:
+        if task.cancelled():
             return
-        except OSError as exc:
+        exc = task.exception()
+        if exc is not None:
+            if not isinstance(exc, OSError):
+                raise exc
             self.connect_task = None
             self.w.note_connect_error(exc)
             self._connect_failed(req, f"{type(exc).__name__}: {exc.strerror or exc}")
             return
+        conn = task.result()[1]
         self.connect_task = None
         if self.closed or not self.reqs or self.reqs[0] is not req:
             conn.close()

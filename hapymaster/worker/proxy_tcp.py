@@ -14,14 +14,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from hapymaster.worker.balance import NO_SERVER, ServerState
-from hapymaster.worker.exchange import WRITE_HIGH, Phase
+from hapymaster.worker.exchange import CONNECT, PARKED, QUEUE, TUNNEL, WRITE_HIGH
 
 if TYPE_CHECKING:
     from hapymaster.worker.process import FrontendState, Worker
 
-# Module globals for the phases this relay goes through (see exchange.Phase).
-PARKED, QUEUE, CONNECT, TUNNEL = (int(p) for p in (Phase.PARKED, Phase.QUEUE, Phase.CONNECT,
-                                                  Phase.TUNNEL))
 
 
 class TcpClient:
@@ -100,21 +97,27 @@ class TcpClient:
             return
         self.server = self.server_last = server
         self.enter(CONNECT, now)
-        self.connect_task = asyncio.ensure_future(self._open(server))
+        # A task and its done callback, no coroutine of ours: see
+        # proxy_http.HttpClient._connect. Any: TcpServer is a protocol by its
+        # methods, not an asyncio.Protocol subclass.
+        loop: Any = self.w.loop
+        task = loop.create_task(loop.create_connection(lambda: TcpServer(self), server.host,
+                                                       server.port))
+        task.add_done_callback(self._opened)
+        self.connect_task = task
 
-    async def _open(self, server: ServerState) -> None:
-        try:
-            # Any: TcpServer is a protocol by its methods, not an asyncio.Protocol subclass.
-            loop: Any = self.w.loop
-            _, srv = await loop.create_connection(lambda: TcpServer(self), server.host,
-                                                  server.port)
-        except asyncio.CancelledError:
+    def _opened(self, task: Any) -> None:
+        if task.cancelled():
             return
-        except OSError as exc:
+        exc = task.exception()
+        if exc is not None:
+            if not isinstance(exc, OSError):
+                raise exc
             self.connect_task = None
             self.w.note_connect_error(exc)
             self._connect_failed()
             return
+        srv = task.result()[1]
         self.connect_task = None
         if self.closed:
             srv.transport.close()

@@ -9,12 +9,11 @@ bytes to count and pass on.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from hapymaster.worker.exchange import WRITE_HIGH, Exchange, Pause
+from hapymaster.worker.exchange import R_SERVER, WRITE_HIGH, Exchange
 from hapymaster.worker.h1 import HOP_BY_HOP, RESPONSE_SPECIAL
 
 if TYPE_CHECKING:
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
 
 HttpParserError = httptools.HttpParserError
 HttpParserUpgrade = httptools.HttpParserUpgrade
-R_SERVER = int(Pause.SERVER)
 
 
 class HttpServer:

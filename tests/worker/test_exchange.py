@@ -9,7 +9,8 @@ import pytest
 
 from fake_transport import FakeTransport, connect, inprocess_worker
 from hapymaster.worker.accesslog import AccessLog, Sink
-from hapymaster.worker.exchange import Phase
+from hapymaster.worker import exchange
+from hapymaster.worker.exchange import Pause, Phase
 from hapymaster.worker.proxy_http import HttpClient
 from hapymaster.worker.server_conn import HttpServer
 
@@ -88,6 +89,15 @@ def proxy():
     yield make
     for p in made:
         p.close()
+
+
+def test_the_int_constants_are_the_enums_values():
+    # The hot path compares plain ints (inlined when compiled); the enums name them.
+    for phase in Phase:
+        assert getattr(exchange, phase.name) == phase.value
+    for reason in Pause:
+        assert getattr(exchange, "R_" + reason.name) == reason.value
+    assert len(Phase) == 9 and len(Pause) == 6
 
 
 def test_keep_alive_request_through_the_pool(proxy):
