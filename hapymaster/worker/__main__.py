@@ -18,7 +18,6 @@ the reload (or the start) and keeps the old workers.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import grp
 import json
 import logging
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hapymaster.config import Config, ConfigError, parse_config
-from hapymaster.pdeathsig import die_with_reaper
+from hapymaster.pdeathsig import die_with_reaper, libc_function
 from hapymaster.sdnotify import setup_logging
 # Everything the worker will ever import is imported here, before privileges
 # are dropped: afterwards the interpreter's own library may not be readable
@@ -97,7 +96,7 @@ def keep_freed_memory() -> None:
     mapped is the better trade for a proxy.
     """
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        mallopt = libc_function("mallopt")
     except (OSError, AttributeError):
         return      # not glibc: nothing to tune
     m_trim_threshold, m_mmap_threshold = -1, -3

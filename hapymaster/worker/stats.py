@@ -11,7 +11,6 @@ and never go down. States (UP/DOWN/MAINT) are the answering worker's own view.
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import logging
 import os
@@ -142,8 +141,15 @@ def render_csv(worker: "Worker", totals: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def _escape(text: str) -> str:
+    """``html.escape(text)``: the same five replacements. Importing html would
+    cost every worker its entity tables (0.3 MiB of idle RSS, bench/worker_rss.py)."""
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#x27;"))
+
+
 def render_html(worker: "Worker", totals: dict[str, Any]) -> str:
-    esc = html.escape
+    esc = _escape
     rows = _rows(worker, totals)
     out = ["<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
            "<title>hapymaster statistics</title><style>"
