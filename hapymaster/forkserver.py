@@ -35,7 +35,6 @@ import importlib
 import json
 import logging
 import os
-import pickle
 import select
 import signal
 import socket
@@ -43,6 +42,10 @@ import subprocess
 import sys
 import time
 import traceback
+# The template unpickles the master's config with pickle's C half: pickle.py
+# itself (its Python pickler, only the master pickles) was 0.2 MiB of every
+# worker's idle RSS (bench/worker_rss.py, issue 9). Loaded here, before any fork.
+import _pickle
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -325,6 +328,7 @@ class ForkServer:
             raise TemplateGone("the worker template is not running")
         if len(listener_fds) + len(controls) + 1 > MAX_FDS:
             raise ForkServerError(f"too many listeners for one spawn: {len(listener_fds)}")
+        import pickle       # the master's side only (see _pickle above)
         same_code = self.signature == self.image
         request = {"master_pid": master_pid, "listener_fds": listener_fds,
                    "generation": generation, "indexes": indexes, "config_path": config.source,
@@ -646,6 +650,7 @@ def _middle(out: int, request: dict[str, Any], fds: list[int], code: _Code) -> N
 def _children(request: dict[str, Any], fds: list[int],
               code: _Code) -> tuple[list[tuple[int, Any]], dict[int, int]]:
     """(control fd, what the worker is told) for each worker, and the listener fd map."""
+    import _pickle as pickle    # loaded with this module: a name lookup
     if "indexes" not in request:
         if not fds:
             raise ValueError("a spawn request without the control fd")
