@@ -21,14 +21,19 @@ from mypyc.build import mypycify
 from setuptools import setup
 
 TOP = Path(__file__).resolve().parent
-COMPILED = tomllib.loads((TOP / "pyproject.toml").read_text())["tool"]["hapymaster"]["compiled"]
+TOOL = tomllib.loads((TOP / "pyproject.toml").read_text())["tool"]["hapymaster"]
+COMPILED = TOOL["compiled"]
+SOURCES = [f"{name.replace('.', '/')}.py" for name in COMPILED]
 
 setup(ext_modules=mypycify([
     # The modules they import are checked only as far as the compiled code
     # uses them (their own errors are not the build's), and the C libraries
     # without type information (httptools, uvloop, systemd) are Any.
-    "--follow-imports=silent", "--ignore-missing-imports",
-    *(f"{name.replace('.', '/')}.py" for name in COMPILED),
-    # One shared library per module, next to it (h1__mypyc...so), instead of
-    # one for the group under a hash-derived name at the top of site-packages.
-], opt_level="3", separate=True))
+    "--follow-imports=silent", "--ignore-missing-imports", *SOURCES,
+    # One shared library for them all, named (hapymaster/worker/
+    # hotpath__mypyc...so, not a hash-derived name at the top of
+    # site-packages), each module a small shim next to its .py. One library
+    # rather than one per module (separate=True): each would carry its own
+    # copy of mypyc's runtime, 0.6 MiB more in every worker
+    # (bench/worker_rss.py, issue 9).
+], opt_level="3", separate=[(SOURCES, TOOL["compiled_library"])]))

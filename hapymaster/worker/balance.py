@@ -11,7 +11,7 @@ per backend. Balancing is synchronous and callback based: a session asks
 from __future__ import annotations
 
 import math
-import random
+import os
 import time
 import zlib
 from collections import deque
@@ -94,6 +94,41 @@ def _mix64(value: int) -> int:
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return value ^ (value >> 31)
+
+
+class Draws:
+    """Uniform random draws for the random algorithm and the checks' jitter.
+
+    splitmix64 over a counter seeded from os.urandom, re-seeded in every
+    forked process: all that balancing needs, without the random module
+    (~0.15 MiB of each worker's RSS for two calls, issue 9).
+    """
+
+    def __init__(self) -> None:
+        self.state = 0
+        self.seed()
+
+    def seed(self) -> None:
+        self.state = int.from_bytes(os.urandom(8), "little")
+
+    def fraction(self) -> float:
+        """A float in [0, 1), 53 random bits."""
+        self.state = (self.state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        return (_mix64(self.state) >> 11) / 9007199254740992.0
+
+
+DRAWS = Draws()
+# Workers are forked from the template: each must draw its own numbers.
+os.register_at_fork(after_in_child=DRAWS.seed)
+
+
+def _weighted_draw(servers: list[ServerState]) -> ServerState:
+    point = DRAWS.fraction() * sum(s.weight for s in servers)
+    for server in servers:
+        point -= server.weight
+        if point < 0:
+            return server
+    return servers[-1]      # rounding at the very top
 
 
 class ServerState:
@@ -347,7 +382,7 @@ class BackendState:
 
     def _pick_random(self, servers: list[ServerState], key: bytes) -> ServerState:
         # Power of two choices: two weighted random draws, keep the less loaded.
-        first, second = random.choices(servers, weights=[s.weight for s in servers], k=2)
+        first, second = _weighted_draw(servers), _weighted_draw(servers)
         if (second.cur / second.weight) < (first.cur / first.weight):
             return second
         return first

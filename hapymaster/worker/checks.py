@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import TYPE_CHECKING
 
 from hapymaster.config import HealthCheck
-from hapymaster.worker.balance import BackendState, ServerState
+from hapymaster.worker.balance import DRAWS, BackendState, ServerState
 
 if TYPE_CHECKING:
     from hapymaster.worker.process import Worker
@@ -46,7 +45,7 @@ class HealthChecker:
         check = backend.check or DEFAULT_CHECK
         # Spread the first checks so that N workers x M servers do not all
         # connect in the same millisecond.
-        await asyncio.sleep(random.uniform(0, min(check.interval, 0.05)))
+        await asyncio.sleep(DRAWS.fraction() * min(check.interval, 0.05))
         while True:
             started = time.monotonic()
             ok, status, code, desc = await self.probe(backend, server, check)

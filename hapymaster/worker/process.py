@@ -179,8 +179,10 @@ class FrontendState:
         self.parked: deque[Any] = deque()
         self.paused = False
         self.default_backend: BackendState = worker.backends[config.default_backend]
-        self.routes = [(r.host, r.path_prefix.encode() if r.path_prefix else None,
-                        worker.backends[r.backend]) for r in config.routes]
+        # Typed: the compiled request path reads it (mypy 1.0 cannot infer it there).
+        self.routes: list[tuple[str | None, bytes | None, BackendState]] = [
+            (r.host, r.path_prefix.encode() if r.path_prefix else None,
+             worker.backends[r.backend]) for r in config.routes]
 
     def route(self, req: Any) -> BackendState:
         """First matching route (host and/or path prefix), else default_backend."""

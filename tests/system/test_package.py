@@ -15,7 +15,9 @@ from .helpers import REPO, DebPackages, run
 IN_CHROOT = str(REPO / "packaging" / "in-chroot")
 # The release's own Python, which the package is built against.
 PYTHON = {"bookworm": "3.11", "trixie": "3.13"}
-COMPILED = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hapymaster"]["compiled"]
+TOOL = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hapymaster"]
+COMPILED = TOOL["compiled"]
+COMPILED_LIBRARY = TOOL["compiled_library"]
 
 
 def test_lintian_reports_no_error_and_no_warning(deb_packages: DebPackages):
@@ -52,16 +54,15 @@ def test_package_contents_and_dependencies(deb_packages: DebPackages):
     for vendored in ("/yaml/", "/uvloop/", "/httptools/", "/systemd/journal"):
         assert vendored not in files.replace("/lib/systemd/system/", "/"), vendored
     # The hot path compiled by mypyc (setup.py) for the release's Python: each
-    # module and its runtime library (NAME__mypyc) next to its .py, no other
-    # compiled object, no generated C.
+    # module a shim next to its .py, and their one library (LIBRARY__mypyc),
+    # no other compiled object, no generated C.
     py = PYTHON[deb_packages.suite].replace(".", "")
     shipped = re.findall(r"(?m)\./(\S+\.so(?:\.\d+)*)$", files)
-    for name in COMPILED:
-        for suffix in ("", "__mypyc"):
-            built = (rf"usr/lib/python3/dist-packages/{name.replace('.', '/')}{suffix}"
-                     rf"\.cpython-{py}-\w+-linux-gnu\.so")
-            assert [f for f in shipped if re.fullmatch(built, f)], (name + suffix, shipped)
-    assert len(shipped) == 2 * len(COMPILED), shipped
+    for name in [*COMPILED, COMPILED_LIBRARY + "__mypyc"]:
+        built = (rf"usr/lib/python3/dist-packages/{name.replace('.', '/')}"
+                 rf"\.cpython-{py}-\w+-linux-gnu\.so")
+        assert [f for f in shipped if re.fullmatch(built, f)], (name, shipped)
+    assert len(shipped) == len(COMPILED) + 1, shipped
     for name in COMPILED:
         assert f"./usr/lib/python3/dist-packages/{name.replace('.', '/')}.py" in files, name
     assert not re.search(r"(?m)\.[ch]$", files), "mypyc's generated C is shipped"

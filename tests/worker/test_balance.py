@@ -5,8 +5,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
+import os
 import time
 
+from hapymaster.worker.balance import DRAWS
 from worker_harness import http_get, origin_of
 
 
@@ -143,3 +145,22 @@ def test_backup_only_when_all_active_down(backend, bind, run_worker):
     assert {origin_of(http_get(front)[2]) for _ in range(4)} == {"spare"}
     worker.cli("enable server app/a")
     assert {origin_of(http_get(front)[2]) for _ in range(4)} == {"a"}
+
+
+def test_draws_are_uniform_and_a_forked_worker_draws_its_own():
+    values = [DRAWS.fraction() for _ in range(20000)]
+    assert all(0.0 <= v < 1.0 for v in values)
+    quarters = collections.Counter(int(v * 4) for v in values)
+    assert all(4500 < quarters[i] < 5500 for i in range(4)), quarters   # 5000 +- 8 sigma
+    # Workers are forked from the template: without a new seed a child
+    # would draw exactly what its parent draws next.
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write_end, repr(DRAWS.fraction()).encode())
+        os._exit(0)
+    os.close(write_end)
+    child = float(os.read(read_end, 64))
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert child != DRAWS.fraction()

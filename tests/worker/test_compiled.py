@@ -1,4 +1,4 @@
-"""The tests run what ships: the hot-path modules compiled by Cython, built
+"""The tests run what ships: the hot-path modules compiled by mypyc, built
 from the .py files as they are now (a stale build would test old code)."""
 
 from __future__ import annotations
