@@ -358,7 +358,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import NGINX_PORT, REPO, VENV_PY, start, stop_all, wait_port
     from configs import write_origin
-    from worker_rss import port_answers
+    from bench import port_answers
     modes = args.mode or list(MODES)
     busy = [port for port in (NGINX_PORT, PORT) if port_answers(port)]
     if busy:

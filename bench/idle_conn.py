@@ -17,22 +17,17 @@ wrk. A few seconds per run.
 from __future__ import annotations
 
 import argparse
-import atexit
-import os
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from bench import idle_conn_memory
-from common import (NGINX_PORT, REPO, VENV_PY, show_proc, start, stop, stop_all,
-                    wait_port, wait_serving)
+from common import (NGINX_PORT, VENV_PY, show_proc, start, stop, wait_port,
+                    wait_serving)
 from configs import HAPY_HTTP, write_hapymaster, write_origin
-from worker_rss import port_answers, smaps_by_name
+from worker_rss import measuring_setup, smaps_by_name
 
 
 def one_run(wd: Path, env: dict[str, str], run: int, conns: int,
@@ -73,23 +68,9 @@ def main() -> int:
                     help="run DIR/hapymaster (e.g. git archive of a ref, with the mypyc .so "
                     "files built in), not the working tree's")
     args = ap.parse_args()
-    busy = [port for port in (NGINX_PORT, HAPY_HTTP) if port_answers(port)]
-    if busy:
-        raise SystemExit(f"idle_conn: something already listens on 127.0.0.1 port(s) {busy}; "
-                         "wait for it to finish")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, args.conns + 1000)), hard))
-    wd = Path(tempfile.mkdtemp(prefix="hapy-conn-"))
-    atexit.register(lambda: shutil.rmtree(wd, ignore_errors=True))
-    atexit.register(stop_all)
-    os.chdir(wd)    # not the repository: `python -m` would import its hapymaster (worker_rss.py)
-    env = dict(os.environ)
-    env.pop("HAPYMASTER_PROFILE", None)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)    # byte-compiled, as the package runs
-    if args.src:
-        env["PYTHONPATH"] = str(args.src.resolve())
-    package = (args.src.resolve() if args.src else REPO) / "hapymaster"
-    subprocess.run([str(VENV_PY), "-m", "compileall", "-q", str(package)], env=env, check=True)
+    wd, env = measuring_setup("idle_conn", args.src)
     nginx = start(["nginx", "-c", str(write_origin(wd)), "-p", str(wd)], wd / "nginx.log", None)
     wait_port(NGINX_PORT, nginx, "nginx")
 

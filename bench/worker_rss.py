@@ -19,7 +19,6 @@ import argparse
 import atexit
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from common import (NGINX_PORT, REPO, VENV_PY, proc_rss_kib, show_proc, smaps_private_kib, start,
                     stop, stop_all, wait_port, wait_serving)
+from bench import port_answers
 from configs import HAPY_HTTP, write_hapymaster, write_origin
 
 
@@ -46,14 +46,6 @@ def smaps_by_name(pid: int) -> dict[str, tuple[int, int]]:
         elif fields[0] in ("Private_Clean:", "Private_Dirty:"):
             sizes[name][1] += int(fields[1])
     return {name: (rss, private) for name, (rss, private) in sizes.items()}
-
-
-def port_answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.3).close()
-        return True
-    except OSError:
-        return False
 
 
 def template_pid(worker: int) -> int | None:
@@ -92,22 +84,18 @@ def one_run(wd: Path, env: dict[str, str], run: int, smaps: int) -> tuple[int, i
         stop(master)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", "--runs", type=int, default=3, help="fresh masters to measure (3)")
-    ap.add_argument("--smaps", type=int, default=0, metavar="N",
-                    help="print the worker's N largest mappings (first run)")
-    ap.add_argument("--src", type=Path, metavar="DIR",
-                    help="run DIR/hapymaster (e.g. git archive of a ref, with the mypyc .so "
-                    "files copied in), not the working tree's")
-    args = ap.parse_args()
+def measuring_setup(tool: str, src: Path | None) -> tuple[Path, dict[str, str]]:
+    """A work directory and the environment to start masters in (this and idle_conn.py).
+
+    Refuses while a bench/run holds the ports; byte-compiles the code measured.
+    """
     busy = [port for port in (NGINX_PORT, HAPY_HTTP) if port_answers(port)]
     if busy:
         # A bench/run going on (same ports): its nginx would answer for ours,
         # and a master of ours would share its listeners (SO_REUSEPORT).
-        raise SystemExit(f"worker_rss: something already listens on 127.0.0.1 port(s) {busy}; "
+        raise SystemExit(f"{tool}: something already listens on 127.0.0.1 port(s) {busy}; "
                          "wait for it to finish")
-    wd = Path(tempfile.mkdtemp(prefix="hapy-rss-"))
+    wd = Path(tempfile.mkdtemp(prefix=f"hapy-{tool}-"))
     atexit.register(lambda: shutil.rmtree(wd, ignore_errors=True))
     atexit.register(stop_all)
     # `python -m` puts the current directory first on sys.path: run from the
@@ -118,11 +106,24 @@ def main() -> int:
     # Byte-compiled, as the package runs (see bench.py): compiling at start-up
     # leaves the compiler's garbage in the template's heap, which workers share.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    if args.src:
+    if src:
         # Ahead of the editable install's finder, which is on sys.meta_path after PathFinder.
-        env["PYTHONPATH"] = str(args.src.resolve())
-    package = (args.src.resolve() if args.src else REPO) / "hapymaster"
+        env["PYTHONPATH"] = str(src.resolve())
+    package = (src.resolve() if src else REPO) / "hapymaster"
     subprocess.run([str(VENV_PY), "-m", "compileall", "-q", str(package)], env=env, check=True)
+    return wd, env
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", "--runs", type=int, default=3, help="fresh masters to measure (3)")
+    ap.add_argument("--smaps", type=int, default=0, metavar="N",
+                    help="print the worker's N largest mappings (first run)")
+    ap.add_argument("--src", type=Path, metavar="DIR",
+                    help="run DIR/hapymaster (e.g. git archive of a ref, with the mypyc .so "
+                    "files copied in), not the working tree's")
+    args = ap.parse_args()
+    wd, env = measuring_setup("worker_rss", args.src)
     nginx = start(["nginx", "-c", str(write_origin(wd)), "-p", str(wd)], wd / "nginx.log", None)
     wait_port(NGINX_PORT, nginx, "nginx")
     figures = [one_run(wd, env, run, args.smaps if run == 0 else 0) for run in range(args.runs)]

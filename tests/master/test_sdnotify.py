@@ -8,34 +8,14 @@ import fcntl
 import logging
 import os
 import socket
-import struct
 import subprocess
 import sys
 
 import pytest
 
 from hapymaster import sdnotify
+from journald import parse_journal
 from master_harness import ROOT
-
-
-def parse_journal(datagram: bytes) -> dict[str, str]:
-    """journald's native protocol back to fields: KEY=value lines and binary fields."""
-    fields = {}
-    rest = datagram
-    while rest:
-        line, sep, after = rest.partition(b"\n")
-        assert sep, rest
-        if b"=" in line:
-            key, _, value = line.partition(b"=")
-            rest = after
-        else:
-            key = line
-            (size,) = struct.unpack("<Q", after[:8])
-            value = after[8:8 + size]
-            assert after[8 + size:9 + size] == b"\n"
-            rest = after[9 + size:]
-        fields[key.decode()] = value.decode()
-    return fields
 
 
 @pytest.fixture

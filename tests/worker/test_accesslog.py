@@ -26,6 +26,7 @@ from hapymaster.config import AccessLogTarget, ConfigError, parse_config
 from hapymaster.worker.accesslog import (BATCH_MAX, HTTP_FIELDS, TCP_FIELDS, AccessLog,
                                          JournalSink, Sink, StreamSink, SyslogSink, escape,
                                          journal_field, worker_fields)
+from journald import parse_journal
 from worker_harness import http_config, http_get
 
 F_SETPIPE_SZ = 1031
@@ -305,26 +306,6 @@ def test_full_pipe_drops_whole_lines_and_never_blocks(warnings):
 
 
 # --- journald --------------------------------------------------------------------
-
-
-def parse_journal(datagram: bytes) -> dict[str, str]:
-    """Read journald's native protocol back: KEY=value lines and binary fields."""
-    fields = {}
-    rest = datagram
-    while rest:
-        line, sep, after = rest.partition(b"\n")
-        assert sep, rest
-        if b"=" in line:
-            key, _, value = line.partition(b"=")
-            rest = after
-        else:
-            key = line
-            (size,) = struct.unpack("<Q", after[:8])
-            value = after[8:8 + size]
-            assert after[8 + size:9 + size] == b"\n"
-            rest = after[9 + size:]
-        fields[key.decode()] = value.decode()
-    return fields
 
 
 @pytest.fixture
