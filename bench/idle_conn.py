@@ -20,26 +20,18 @@ import argparse
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from bench import idle_conn_memory
-from common import (NGINX_PORT, VENV_PY, show_proc, start, stop, wait_port,
-                    wait_serving)
-from configs import HAPY_HTTP, write_hapymaster, write_origin
-from worker_rss import measuring_setup, smaps_by_name
+from common import NGINX_PORT, start, wait_port
+from configs import HAPY_HTTP, write_origin
+from worker_rss import measuring_setup, serving_worker, smaps_by_name
 
 
 def one_run(wd: Path, env: dict[str, str], run: int, conns: int,
             smaps: int) -> tuple[int, int]:
     """Start a master, open ``conns`` idle connections to its worker, stop it: RSS before, after."""
-    conf = write_hapymaster(wd, workers=1)
-    master = start([str(VENV_PY), "-m", "hapymaster", "-f", str(conf), "-S",
-                    str(wd / "master.sock")], wd / f"hapymaster-{run}.log", None, env=env)
-    try:
-        wait_serving(HAPY_HTTP, master, "hapymaster")
-        worker = show_proc(wd / "master.sock").workers[0]
-        time.sleep(0.5)
+    with serving_worker(wd, env, run) as worker:
         maps_before = smaps_by_name(worker) if smaps else {}
         before, after = idle_conn_memory(HAPY_HTTP, worker, conns)
         if smaps:
@@ -50,8 +42,6 @@ def one_run(wd: Path, env: dict[str, str], run: int, conns: int,
             for name, growth in sorted(grown, key=lambda kv: -kv[1])[:smaps]:
                 print(f"{growth:8d}  {name}")
         return before, after
-    finally:
-        stop(master)
 
 
 _last_maps: dict[str, tuple[int, int]] = {}

@@ -16,6 +16,7 @@ be tried and measured in a loop.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import atexit
 import os
 import shutil
@@ -26,6 +27,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Iterator
 
 from common import (NGINX_PORT, REPO, VENV_PY, proc_rss_kib, show_proc, smaps_private_kib, start,
                     stop, stop_all, wait_port, wait_serving)
@@ -62,8 +64,9 @@ def template_pid(worker: int) -> int | None:
     return None
 
 
-def one_run(wd: Path, env: dict[str, str], run: int, smaps: int) -> tuple[int, int, int]:
-    """Start a master, measure its worker once serving, stop it: (RSS, private, template RSS)."""
+@contextlib.contextmanager
+def serving_worker(wd: Path, env: dict[str, str], run: int) -> Iterator[int]:
+    """A master with the bench's config and one worker, serving: the worker's pid; then stopped."""
     conf = write_hapymaster(wd, workers=1)
     master = start([str(VENV_PY), "-m", "hapymaster", "-f", str(conf), "-S",
                     str(wd / "master.sock")], wd / f"hapymaster-{run}.log", None, env=env)
@@ -71,6 +74,14 @@ def one_run(wd: Path, env: dict[str, str], run: int, smaps: int) -> tuple[int, i
         wait_serving(HAPY_HTTP, master, "hapymaster")
         worker = show_proc(wd / "master.sock").workers[0]
         time.sleep(0.5)   # what the worker does right after its first request is done
+        yield worker
+    finally:
+        stop(master)
+
+
+def one_run(wd: Path, env: dict[str, str], run: int, smaps: int) -> tuple[int, int, int]:
+    """Start a master, measure its worker once serving, stop it: (RSS, private, template RSS)."""
+    with serving_worker(wd, env, run) as worker:
         rss, private = proc_rss_kib(worker), smaps_private_kib(worker)
         tmpl = template_pid(worker)
         tmpl_rss = proc_rss_kib(tmpl) if tmpl else 0
@@ -80,8 +91,6 @@ def one_run(wd: Path, env: dict[str, str], run: int, smaps: int) -> tuple[int, i
             for name, (size, own) in top:
                 print(f"{size:8d} {own:8d}  {name}")
         return rss, private, tmpl_rss
-    finally:
-        stop(master)
 
 
 def measuring_setup(tool: str, src: Path | None) -> tuple[Path, dict[str, str]]:

@@ -14,16 +14,21 @@ from hapymaster.worker.stats import _escape
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def python_output(script: str) -> str:
+    """What ``script`` prints in a fresh interpreter (a clean sys.modules)."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_template_imports_neither_html_nor_ctypes():
     # What forkserver.serve imports before it forks workers.
     script = ("import sys\n"
               "import hapymaster.forkserver\n"
               "from hapymaster.worker import __main__\n"
               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('html', 'ctypes')))\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert python_output(script).strip() == "[]"
 
 
 def test_escape_is_html_escape():
@@ -56,7 +61,4 @@ def test_set_process_name_and_pdeathsig():
               "armed = pdeathsig._CInt()\n"
               "pdeathsig.libc_function('prctl')(2, _ctypes.byref(armed), 0, 0, 0)  # GET_PDEATHSIG\n"
               "print(armed.value == signal.SIGTERM)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["hapy-test-name-", "True"]
+    assert python_output(script).split() == ["hapy-test-name-", "True"]
