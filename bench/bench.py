@@ -328,8 +328,12 @@ def main() -> int:
             src.mkdir()
             commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref],
                                     check=True, capture_output=True, text=True).stdout.strip()
-            subprocess.run(f"git -C {REPO} archive {ref} hapymaster setup.py pyproject.toml "
-                           f"| tar -x -C {src}", shell=True, check=True)
+            # setup.py and pyproject.toml where the ref has them (older ones do not).
+            paths = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", ref, "--",
+                                    "hapymaster", "setup.py", "pyproject.toml"], check=True,
+                                   capture_output=True, text=True).stdout.split()
+            subprocess.run(f"git -C {REPO} archive {ref} {' '.join(paths)} | tar -x -C {src}",
+                           shell=True, check=True)
             build_compiled(src)
             # Ahead of the editable install's finder, which is on sys.meta_path after PathFinder.
             env["PYTHONPATH"] = str(src)
