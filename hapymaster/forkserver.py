@@ -665,7 +665,12 @@ def _children(request: dict[str, Any], fds: list[int],
     # it runs this code (it checked); a pickle is trusted here, it comes from
     # our parent on a socketpair nobody else holds.
     if request.get("config") == "pickle":
-        config = pickle.loads(data)
+        try:
+            config = pickle.loads(data)
+        except Exception as exc:    # UnpicklingError, or a class this code lacks (AttributeError...)
+            # Said on `out` like any bad request, not left to look like a crash.
+            raise ValueError(f"cannot read the master's parsed config: "
+                             f"{type(exc).__name__}: {exc}") from exc
     else:
         config = code.parse_config(data.decode(), str(request.get("config_path", "")))
     master_pid, generation = int(request["master_pid"]), int(request["generation"])
@@ -685,7 +690,7 @@ def _worker_child(fds: list[int], control: int, fd_map: dict[int, int],
         for fd in set(fds) - {control, *fd_map.values()}:
             os.close(fd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        # `random` reseeds itself after fork (os.register_at_fork); no event
+        # balance.Draws reseeds itself after fork (os.register_at_fork); no event
         # loop exists in the template, so run() makes a fresh one. The death
         # signal is armed by run() once the master adopted us.
         if preforked is None:

@@ -291,3 +291,36 @@ def test_master_sigkill_takes_the_template_and_the_workers_down(master_factory, 
     # At once, by the kernel (PDEATHSIG armed once adopted by the master).
     wait_for(lambda: not any(pid_alive(p) for p in processes), timeout=3,
              what="the template and the workers to die")
+
+
+def test_an_unreadable_pickled_config_is_reported_not_a_crash():
+    # The intermediate process answers every bad spawn request with a reason
+    # ("-..." on its pipe); a config pickle this code cannot load (garbage,
+    # or a class it lacks) used to end it silently: "the intermediate
+    # process died".
+    import socket
+    import types
+
+    from hapymaster import forkserver
+
+    memfd = os.memfd_create("config")
+    os.write(memfd, b"not a pickle")
+    control, other = socket.socketpair()
+    read_end, write_end = os.pipe()
+    request = {"indexes": [1], "config": "pickle", "master_pid": os.getpid(), "generation": 1}
+    code = types.SimpleNamespace(name=b"hapymaster-test",
+                                 config_error=type("ConfigError", (Exception,), {}))
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        forkserver._middle(write_end, request, [memfd, control.fileno()], code)  # exits
+    os.close(write_end)
+    answer = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    os.close(memfd)
+    control.close()
+    other.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert answer.startswith("-a bad spawn request: cannot read the master's parsed config: "
+                             "UnpicklingError"), answer
