@@ -650,7 +650,6 @@ def _middle(out: int, request: dict[str, Any], fds: list[int], code: _Code) -> N
 def _children(request: dict[str, Any], fds: list[int],
               code: _Code) -> tuple[list[tuple[int, Any]], dict[int, int]]:
     """(control fd, what the worker is told) for each worker, and the listener fd map."""
-    import _pickle as pickle    # loaded with this module: a name lookup
     if "indexes" not in request:
         if not fds:
             raise ValueError("a spawn request without the control fd")
@@ -666,7 +665,7 @@ def _children(request: dict[str, Any], fds: list[int],
     # our parent on a socketpair nobody else holds.
     if request.get("config") == "pickle":
         try:
-            config = pickle.loads(data)
+            config = _pickle.loads(data)
         except Exception as exc:    # UnpicklingError, or a class this code lacks (AttributeError...)
             # Said on `out` like any bad request, not left to look like a crash.
             raise ValueError(f"cannot read the master's parsed config: "

@@ -155,12 +155,24 @@ class _StderrFormatter(logging.Formatter):
         return text
 
 
-def _journal_field(name: str, value: str) -> bytes:
+def journal_field(name: bytes, value: bytes) -> bytes:
     """One field of journald's native protocol; the binary form when the value has a newline."""
-    data = value.encode("utf-8", "replace")
-    if b"\n" in data:
-        return name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
-    return name.encode() + b"=" + data + b"\n"
+    if b"\n" in value:
+        return name + b"\n" + struct.pack("<Q", len(value)) + value + b"\n"
+    return name + b"=" + value + b"\n"
+
+
+def journal_socket() -> socket.socket:
+    """A datagram socket for journald's native protocol that never blocks (the
+    daemon's log here, the access log's journald sink)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        # As sd_journal_send does: room for a burst while journald catches up.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    except OSError:
+        pass
+    return sock
 
 
 def _journal_priority(level: int) -> int:
@@ -186,25 +198,19 @@ class _JournalHandler(logging.Handler):
     def __init__(self, path: str, fields: dict[str, str]) -> None:
         super().__init__()
         self.path = path
-        self.fixed = b"".join(_journal_field(key, value) for key, value in fields.items())
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.sock.setblocking(False)
-        try:
-            # As sd_journal_send does: room for a burst while journald catches up.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        except OSError:
-            pass
+        self.fixed = b"".join(journal_field(key.encode(), value.encode())
+                              for key, value in fields.items())
+        self.sock = journal_socket()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            entry = [_journal_field("MESSAGE", self.format(record)),
-                     b"PRIORITY=%d\n" % _journal_priority(record.levelno),
-                     _journal_field("LOGGER", record.name),
-                     _journal_field("CODE_FILE", record.pathname),
-                     b"CODE_LINE=%d\n" % record.lineno,
-                     _journal_field("CODE_FUNC", record.funcName or ""), self.fixed]
+            texts = [(b"MESSAGE", self.format(record)), (b"LOGGER", record.name),
+                     (b"CODE_FILE", record.pathname), (b"CODE_FUNC", record.funcName or "")]
             if record.exc_text:
-                entry.append(_journal_field("EXCEPTION_TEXT", record.exc_text))
+                texts.append((b"EXCEPTION_TEXT", record.exc_text))
+            entry = [journal_field(name, text.encode("utf-8", "replace")) for name, text in texts]
+            entry += [b"PRIORITY=%d\n" % _journal_priority(record.levelno),
+                      b"CODE_LINE=%d\n" % record.lineno, self.fixed]
             self._send(b"".join(entry))
         except Exception:  # noqa: BLE001 - logging must not raise into the caller
             self.handleError(record)

@@ -28,14 +28,14 @@ import os
 import re
 import socket
 import stat
-import struct
 import time
 from typing import Any, Callable
 
 from mypy_extensions import mypyc_attr
 
 from hapymaster.config import SYSLOG_FACILITIES, AccessLogTarget
-from hapymaster.sdnotify import JOURNAL_SOCKET, nonblocking_stderr, under_journald
+from hapymaster.sdnotify import (JOURNAL_SOCKET, journal_field, journal_socket,
+                                 nonblocking_stderr, under_journald)
 
 log = logging.getLogger("hapymaster.worker")
 
@@ -66,13 +66,6 @@ def escape(data: bytes) -> str:
         return data.decode("ascii")
     table = _ESCAPE_TABLE
     return "".join([table[b] for b in data])
-
-
-def journal_field(name: bytes, value: bytes) -> bytes:
-    """One field of journald's native protocol; the binary form when the value has a newline."""
-    if b"\n" in value:
-        return name + b"\n" + struct.pack("<Q", len(value)) + value + b"\n"
-    return name + b"=" + value + b"\n"
 
 
 class _Stamp:
@@ -246,13 +239,7 @@ class JournalSink(DatagramSink):
     def __init__(self, path: str, fixed: dict[str, str]):
         self.name = f"journal {path}"
         self.target = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
-        try:
-            # As sd_journal_send does: room for a burst while journald catches up.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-        except OSError:
-            pass
+        self.sock = journal_socket()
         self.fixed = b"".join(journal_field(k.encode(), v.encode()) for k, v in fixed.items())
 
     def render(self, records: list[tuple[Any, ...]], lines: list[str], wall: float

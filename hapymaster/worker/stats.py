@@ -35,7 +35,6 @@ CSV_FIELDS = ("pxname", "svname", "qcur", "qmax", "scur", "smax", "slim", "stot"
               "check_status", "check_code", "check_duration", "hrsp_1xx", "hrsp_2xx",
               "hrsp_3xx", "hrsp_4xx", "hrsp_5xx", "hrsp_other", "hanafail", "req_rate",
               "req_rate_max", "req_tot", "cli_abrt", "srv_abrt")
-_SUMMED = COUNTER_FIELDS
 
 
 def export_counters(worker: "Worker") -> dict[str, Any]:
@@ -98,7 +97,7 @@ def _rows(worker: "Worker", totals: dict[str, Any]) -> list[dict[str, Any]]:
     pid = os.getpid()
     for fe in worker.frontends:
         c = totals["frontends"].get(fe.name, {})
-        row = {k: c.get(k, 0) for k in _SUMMED}
+        row = {k: c.get(k, 0) for k in COUNTER_FIELDS}
         row.update(pxname=fe.name, svname="FRONTEND", scur=c.get("scur", 0), slim=fe.maxconn,
                    status="OPEN" if not worker.stopping else "STOP", pid=pid, iid=fe.fid, sid=0,
                    type=0)
@@ -107,7 +106,7 @@ def _rows(worker: "Worker", totals: dict[str, Any]) -> list[dict[str, Any]]:
         bt = totals["backends"].get(backend.name, {"servers": {}})
         for s in backend.servers:
             c = bt["servers"].get(s.name, {})
-            row = {k: c.get(k, 0) for k in _SUMMED}
+            row = {k: c.get(k, 0) for k in COUNTER_FIELDS}
             row.update(pxname=backend.name, svname=s.name, scur=c.get("scur", 0),
                        slim=s.maxconn or "", status=s.status_text if s.checked or
                        s.admin != "ready" else ("no check" if s.up else "DOWN"),
@@ -120,7 +119,7 @@ def _rows(worker: "Worker", totals: dict[str, Any]) -> list[dict[str, Any]]:
             if s.admin == "ready" and s.up and not s.checked:
                 row["status"] = "no check" if False else "UP"
             rows.append(row)
-        row = {k: bt.get(k, 0) for k in _SUMMED}
+        row = {k: bt.get(k, 0) for k in COUNTER_FIELDS}
         row.update(pxname=backend.name, svname="BACKEND", qcur=bt.get("qcur", 0),
                    scur=bt.get("scur", 0), status="UP" if backend.is_up else "DOWN",
                    weight=sum(s.weight for s in backend.servers if s.usable),

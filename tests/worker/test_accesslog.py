@@ -23,9 +23,10 @@ import time
 import pytest
 
 from hapymaster.config import AccessLogTarget, ConfigError, parse_config
+from hapymaster.sdnotify import journal_field
 from hapymaster.worker.accesslog import (BATCH_MAX, HTTP_FIELDS, TCP_FIELDS, AccessLog,
                                          JournalSink, Sink, StreamSink, SyslogSink, escape,
-                                         journal_field, worker_fields)
+                                         worker_fields)
 from journald import parse_journal
 from worker_harness import http_config, http_get
 
