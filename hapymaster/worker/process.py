@@ -260,6 +260,32 @@ class Worker:
                 f" instead of {configured}" if configured else "")
         return budget
 
+    def open_connection(self, factory: Callable[[], Any], host: str, port: int,
+                        done: Callable[[Any, OSError | None], None]) -> "asyncio.Task[Any]":
+        """Connect to a server: ``done(protocol, None)``, or ``done(None, error)`` if it failed.
+
+        A task and its done callback, no coroutine of the caller's: the
+        protocols are compiled, and mypyc 1.0 (Debian 12's) mishandles an
+        exception raised into a compiled coroutine ("TypeError: invalid
+        exception object"). Nothing is called for a task cancelled by its
+        caller; an error that is not an OSError goes to the loop's handler.
+        """
+        def opened(task: "asyncio.Task[Any]") -> None:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is None:
+                done(task.result()[1], None)
+            elif isinstance(exc, OSError):
+                self.note_connect_error(exc)
+                done(None, exc)
+            else:
+                raise exc
+
+        task = self.loop.create_task(self.loop.create_connection(factory, host, port))
+        task.add_done_callback(opened)
+        return task
+
     def note_connect_error(self, exc: OSError) -> None:
         """A connect to a server failed: say so when it is us, not the server, that is out.
 

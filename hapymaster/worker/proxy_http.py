@@ -693,30 +693,17 @@ class HttpClient:
 
     def _connect(self, req: Exchange, server: ServerState) -> None:
         self.enter(CONNECT, self.w.clock())
-        # A task and its done callback, no coroutine of ours: mypyc 1.0
-        # (Debian 12's) mishandles an exception raised into a compiled
-        # coroutine ("TypeError: invalid exception object"). Any: HttpServer
-        # is a protocol by its methods, not an asyncio.Protocol subclass.
-        loop: Any = self.w.loop
         worker = self.w
-        task = loop.create_task(loop.create_connection(
-            lambda: HttpServer(worker, server), server.host, server.port))
-        task.add_done_callback(lambda done: self._opened(done, req))
-        self.connect_task = task
+        self.connect_task = worker.open_connection(
+            lambda: HttpServer(worker, server), server.host, server.port,
+            lambda conn, exc: self._opened(req, conn, exc))
 
-    def _opened(self, task: Any, req: Exchange) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            if not isinstance(exc, OSError):
-                raise exc
-            self.connect_task = None
-            self.w.note_connect_error(exc)
+    def _opened(self, req: Exchange, conn: HttpServer | None, exc: OSError | None) -> None:
+        self.connect_task = None
+        if conn is None:
+            assert exc is not None
             self._connect_failed(req, f"{type(exc).__name__}: {exc.strerror or exc}")
             return
-        conn = task.result()[1]
-        self.connect_task = None
         if self.closed or not self.reqs or self.reqs[0] is not req:
             conn.close()
             return

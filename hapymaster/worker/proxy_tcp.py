@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from hapymaster.worker.process import FrontendState, Worker
 
 
-
 class TcpClient:
     def __init__(self, worker: "Worker", frontend: "FrontendState"):
         self.w = worker
@@ -97,28 +96,14 @@ class TcpClient:
             return
         self.server = self.server_last = server
         self.enter(CONNECT, now)
-        # A task and its done callback, no coroutine of ours: see
-        # proxy_http.HttpClient._connect. Any: TcpServer is a protocol by its
-        # methods, not an asyncio.Protocol subclass.
-        loop: Any = self.w.loop
-        task = loop.create_task(loop.create_connection(lambda: TcpServer(self), server.host,
-                                                       server.port))
-        task.add_done_callback(self._opened)
-        self.connect_task = task
+        self.connect_task = self.w.open_connection(lambda: TcpServer(self), server.host,
+                                                   server.port, self._opened)
 
-    def _opened(self, task: Any) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None:
-            if not isinstance(exc, OSError):
-                raise exc
-            self.connect_task = None
-            self.w.note_connect_error(exc)
+    def _opened(self, srv: TcpServer | None, exc: OSError | None) -> None:
+        self.connect_task = None
+        if srv is None:
             self._connect_failed()
             return
-        srv = task.result()[1]
-        self.connect_task = None
         if self.closed:
             srv.transport.close()
             return
