@@ -164,3 +164,11 @@ def test_draws_are_uniform_and_a_forked_worker_draws_its_own():
     os.close(read_end)
     os.waitpid(pid, 0)
     assert child != DRAWS.fraction()
+
+
+def test_counter_fields_name_every_counter_in_order():
+    # Counters spells its fields out for the compiled code; the stats sum
+    # COUNTER_FIELDS: the two lists must not drift apart.
+    from hapymaster.worker.balance import COUNTER_FIELDS, Counters
+    assert Counters.__mypyc_attrs__ == COUNTER_FIELDS   # the compiled class's own fields
+    assert set(Counters().as_dict().values()) == {0}
